@@ -1,0 +1,1 @@
+"""The memory agent: prompts, chunking, generation backends, the read-and-overwrite loop, and its trajectories."""
