@@ -135,3 +135,34 @@ def test_custom_rewards_by_decorator_and_import_path(monkeypatch, tmp_path):
         rewards.get_reward_funcs(["my_rewards:whisper"])
     with pytest.raises(ValueError, match="Cannot import"):
         rewards.get_reward_funcs(["no_such_module_xyz:f"])
+
+
+def test_rewards_plug_into_trls_grpo_trainer(tiny_model, tokenizer, tmp_path):
+    """One real trl.GRPOTrainer step: TRL calls the functions with its kwargs and logs them under their names."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    dataset = Dataset.from_dict({"prompt": ["Who discovered polonium?"] * 2, "answers": [["Marie Curie"]] * 2})
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=tiny_model,
+        reward_funcs=get_reward_funcs(["masked_entity_em", "answer_f1_lenient"]),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = {key for entry in trainer.state.log_history for key in entry}
+    assert {"rewards/masked_entity_em/mean", "rewards/answer_f1_lenient/mean"} <= logged
+    assert "rewards/masked_entity_em/answer_rate" in logged
