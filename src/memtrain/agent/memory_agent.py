@@ -1,0 +1,212 @@
+"""The memory agent's read-and-overwrite loop (MemAgent's memory, PAPER.md section 1), batched over trajectories.
+
+Step ``t`` shows every still-reading trajectory its problem, its memory and chunk ``t``; the reply replaces the
+memory. A trajectory that has read all its chunks answers from the problem and its memory alone in the next step,
+while longer documents keep reading. Each step is ONE generator call for all active trajectories, so the cost of a
+rollout is ``max_chunks + 1`` batched calls whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from memtrain.agent.chunking import ChunkedContext, cap_problem, chunk_context
+from memtrain.agent.generation import Generator, SamplingConfig
+from memtrain.agent.prompts import NO_MEMORY, PromptTemplates
+from memtrain.agent.trajectory import ModelCall, Trajectory
+
+
+@dataclass
+class AgentConfig:
+    """How the memory agent reads: chunk and token budgets, initial memory and prompt templates."""
+
+    chunk_size: int = field(default=5000, metadata={"help": "Tokens per context chunk (paper: 5,000)."})
+    max_chunks: int = field(
+        default=8,
+        metadata={"help": "Chunks read at most; a longer context is centre-truncated to chunk_size * max_chunks."},
+    )
+    max_problem_tokens: int = field(
+        default=1024, metadata={"help": "Token budget of the problem; a longer problem keeps its beginning."}
+    )
+    max_memory_tokens: int = field(
+        default=1024, metadata={"help": "New tokens per memory update; the memory never grows beyond this."}
+    )
+    max_answer_tokens: int = field(default=1024, metadata={"help": "New tokens of the final answer."})
+    no_memory_text: str = field(default=NO_MEMORY, metadata={"help": "The memory shown before any chunk is read."})
+    update_template: str | None = field(
+        default=None,
+        metadata={"help": "Update prompt ({problem}, {memory}, {chunk}); None uses the paper's wording."},
+    )
+    final_template: str | None = field(
+        default=None, metadata={"help": "Final prompt ({problem}, {memory}); None uses the paper's wording."}
+    )
+    recall_template: str | None = field(
+        default=None, metadata={"help": "Recall prompt ({memory}, {chunk}); None uses the paper's wording."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "max_chunks", "max_problem_tokens", "max_memory_tokens", "max_answer_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"AgentConfig.{name} must be a positive integer, got {value!r}.")
+        self.templates()  # fail at configuration time, not mid-rollout, on a template missing a placeholder
+
+    def templates(self) -> PromptTemplates:
+        overrides = {"update": self.update_template, "final": self.final_template, "recall": self.recall_template}
+        return PromptTemplates(**{name: text for name, text in overrides.items() if text is not None})
+
+
+@dataclass
+class _Request:
+    """One trajectory's prompt in one step."""
+
+    trajectory: int
+    kind: str
+    prompt_ids: list[int]
+
+
+class MemoryAgent:
+    """Reads long contexts chunk by chunk into a bounded, overwritten memory, then answers from the memory."""
+
+    def __init__(self, tokenizer, generator: Generator, config: AgentConfig | None = None) -> None:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "The memory agent talks to the model in chat turns, but this tokenizer has no chat template. Use an "
+                "instruct model's tokenizer or set tokenizer.chat_template."
+            )
+        self.tokenizer = tokenizer
+        self.generator = generator
+        self.config = config or AgentConfig()
+        self.templates = self.config.templates()
+
+    def encode_chat(self, user_text: str) -> list[int]:
+        """Token ids of one user turn followed by the assistant header (the trainer builds recall prompts so)."""
+        encoded = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def chunk(self, context: str) -> ChunkedContext:
+        return chunk_context(self.tokenizer, context, self.config.chunk_size, self.config.max_chunks)
+
+    def _decode(self, completion_ids: list[int]) -> str:
+        """A completion as text: EOS, padding and other special tokens dropped, surrounding whitespace stripped."""
+        return self.tokenizer.decode(completion_ids, skip_special_tokens=True).strip()
+
+    def rollout(
+        self,
+        contexts: list[str],
+        problems: list[str],
+        n: int = 1,
+        doc_ids: list[str] | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> list[Trajectory]:
+        """``n`` rollouts per document, document-major (document 0's ``n`` first), ``group`` = document index.
+
+        ``sampling`` (default: the generator's own ``sampling`` attribute, else ``SamplingConfig()``) sets
+        temperature, top-p/k and the seed; ``max_new_tokens`` comes from the agent config. A seeded rollout is
+        deterministic: step ``t`` uses a seed derived from ``(seed, t)``.
+
+        A step that mixes memory updates and final answers makes one call with the larger token budget and
+        truncates each completion to its own budget: sampling is autoregressive, so the truncated completion is
+        distributed exactly as if it had been generated under its own budget.
+        """
+        if len(contexts) != len(problems):
+            raise ValueError(f"rollout got {len(contexts)} contexts but {len(problems)} problems; pass one each.")
+        if doc_ids is not None and len(doc_ids) != len(contexts):
+            raise ValueError(f"rollout got {len(doc_ids)} doc_ids for {len(contexts)} contexts; pass one each.")
+        if n < 1:
+            raise ValueError(f"n (rollouts per document) must be >= 1, got {n}.")
+        sampling = sampling or getattr(self.generator, "sampling", None) or SamplingConfig()
+        doc_ids = [str(i) for i in range(len(contexts))] if doc_ids is None else [str(d) for d in doc_ids]
+
+        trajectories: list[Trajectory] = []
+        for index, (context, problem) in enumerate(zip(contexts, problems)):
+            if not isinstance(context, str) or not isinstance(problem, str):
+                raise TypeError(
+                    f"Document {index} ({doc_ids[index]}): context and problem must be strings, got "
+                    f"{type(context).__name__} and {type(problem).__name__}."
+                )
+            chunked = self.chunk(context)
+            capped, dropped = cap_problem(self.tokenizer, problem, self.config.max_problem_tokens)
+            for sample in range(n):
+                trajectories.append(
+                    Trajectory(
+                        doc_id=doc_ids[index],
+                        group=index,
+                        problem=capped,
+                        chunks=list(chunked.chunks),
+                        memories=[self.config.no_memory_text],
+                        truncated_tokens=chunked.truncated_tokens,
+                        metadata={
+                            "sample": sample,
+                            "context_tokens": chunked.total_tokens,
+                            "problem_truncated_tokens": dropped,
+                        },
+                    )
+                )
+
+        answered = [False] * len(trajectories)
+        step = 1
+        while not all(answered):
+            requests = [self._request(i, trajectories[i], step) for i in range(len(trajectories)) if not answered[i]]
+            self._run_step(trajectories, requests, step, n if step == 1 else 1, sampling)
+            for request in requests:
+                if request.kind == "final":
+                    answered[request.trajectory] = True
+            step += 1
+        return trajectories
+
+    def _request(self, index: int, trajectory: Trajectory, step: int) -> _Request:
+        memory = trajectory.memories[-1]
+        if step <= trajectory.num_chunks:
+            text = self.templates.render_update(trajectory.problem, memory, trajectory.chunks[step - 1])
+            return _Request(index, "update", self.encode_chat(text))
+        return _Request(index, "final", self.encode_chat(self.templates.render_final(trajectory.problem, memory)))
+
+    def _run_step(
+        self, trajectories: list[Trajectory], requests: list[_Request], step: int, n: int, sampling: SamplingConfig
+    ) -> None:
+        """One generator call for every request of this step; ``n > 1`` only at step 1, where groups share prompts."""
+        budgets = {"update": self.config.max_memory_tokens, "final": self.config.max_answer_tokens}
+        max_new_tokens = max(budgets[request.kind] for request in requests)
+        seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + step) % (2**63)
+        step_sampling = replace(sampling, max_new_tokens=max_new_tokens, seed=seed)
+        prompts = [request.prompt_ids for request in requests[::n]]
+        if n > 1 and any(requests[i].prompt_ids != prompts[i // n] for i in range(len(requests))):
+            raise RuntimeError("Rollouts of one document must share their first prompt.")
+        output = self.generator.generate(prompts, n=n, sampling=step_sampling)
+        if len(output.completion_ids) != len(requests):
+            raise RuntimeError(
+                f"The generator returned {len(output.completion_ids)} completions for {len(requests)} requests "
+                f"({len(prompts)} prompts x n={n}); a Generator must return n completions per prompt."
+            )
+        for k, request in enumerate(requests):
+            budget = budgets[request.kind]
+            generated = output.completion_ids[k]
+            completion = list(generated[:budget])
+            logprobs = None if output.logprobs is None else list(output.logprobs[k][:budget])
+            text = self._decode(completion)
+            trajectory = trajectories[request.trajectory]
+            trajectory.calls.append(
+                ModelCall(
+                    kind=request.kind,
+                    step=step,
+                    prompt_ids=request.prompt_ids,
+                    completion_ids=completion,
+                    text=text,
+                    logprobs=logprobs,
+                    finished=bool(output.finished[k]) and len(completion) == len(generated),
+                )
+            )
+            if request.kind == "update":
+                trajectory.memories.append(text)
+            else:
+                trajectory.answer = text
+
+    def answer(self, context: str, problem: str) -> str:
+        """Read one context and answer one problem (raw answer text, ``\\boxed{}`` not extracted)."""
+        return self.answer_batch([context], [problem])[0]
+
+    def answer_batch(self, contexts: list[str], problems: list[str]) -> list[str]:
+        return [trajectory.answer for trajectory in self.rollout(contexts, problems, n=1)]
