@@ -1,0 +1,329 @@
+"""Long-text QA data (MemAgent's RULER-HotpotQA, PAPER.md section 6).
+
+Each multi-hop question keeps its own gold + distractor paragraphs and is padded with random paragraphs of OTHER
+questions up to ``N`` documents, shuffled, and rendered as "Document i:" blocks, so the answer is buried at a random
+depth of a text of controlled length. One training bucket (N = 200) and test buckets (N = 50 ... 6400) are built
+from the same code path; the test buckets share the same questions so accuracy across lengths is comparable.
+
+Inputs are HotpotQA distractor rows in either layout (the original/local files: ``context = [[title, [sentences]]]``;
+the Hub's ``hotpot_qa``/``distractor``: ``context = {"title": [...], "sentences": [[...]]}``) and MuSiQue rows
+(``paragraphs = [{title, paragraph_text, is_supporting}]``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEST_BUCKETS: tuple[int, ...] = (50, 100, 200, 400, 800, 1600, 3200, 6400)
+TRAIN_NUM_DOCS = 200
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    """One Wikipedia paragraph: the unit that becomes one "Document i:" block."""
+
+    title: str
+    text: str
+
+
+@dataclass
+class QAExample:
+    """One question with its own paragraphs (gold first is not assumed) and the titles of its gold paragraphs."""
+
+    id: str
+    question: str
+    answers: list[str]
+    paragraphs: list[Paragraph]
+    gold_titles: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading question rows
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _paragraphs_from_context(context: Any, where: str) -> list[Paragraph]:
+    """HotpotQA ``context`` in the list layout (local files) or the column layout (the Hub's datasets)."""
+    if isinstance(context, Mapping):
+        if "title" not in context or "sentences" not in context:
+            raise ValueError(f"{where}: a dict `context` needs keys 'title' and 'sentences' (the Hub's hotpot_qa).")
+        pairs = list(zip(context["title"], context["sentences"], strict=True))
+    elif isinstance(context, Sequence) and not isinstance(context, str):
+        pairs = []
+        for item in context:
+            if not (isinstance(item, Sequence) and len(item) == 2):
+                raise ValueError(f"{where}: each `context` item must be [title, [sentences]], got {str(item)[:80]!r}.")
+            pairs.append((item[0], item[1]))
+    else:
+        raise ValueError(f"{where}: `context` must be [[title, [sentences]]] or {{title: [...], sentences: [...]}}.")
+    paragraphs = []
+    for title, sentences in pairs:
+        text = sentences if isinstance(sentences, str) else "".join(sentences)
+        paragraphs.append(Paragraph(str(title).strip(), text.strip()))
+    return paragraphs
+
+
+def _gold_titles_from_supporting_facts(facts: Any, where: str) -> list[str]:
+    if isinstance(facts, Mapping):  # Hub layout: {"title": [...], "sent_id": [...]}
+        titles = list(facts.get("title", []))
+    else:
+        titles = [fact[0] for fact in facts]
+    return list(dict.fromkeys(str(t).strip() for t in titles))
+
+
+def _answers(row: Mapping[str, Any], where: str) -> list[str]:
+    answer = row.get("answer")
+    if answer is None and "answers" in row:
+        answers = list(row["answers"])
+    elif answer is None:
+        raise ValueError(f"{where}: no `answer` (or `answers`) field; the long-text QA builder needs gold answers.")
+    else:
+        answers = [answer] if isinstance(answer, str) else list(answer)
+    for key in ("answer_aliases", "aliases"):
+        answers += list(row.get(key) or [])
+    answers = [str(a).strip() for a in answers if str(a).strip()]
+    if not answers:
+        raise ValueError(f"{where}: the answer is empty.")
+    return list(dict.fromkeys(answers))
+
+
+def parse_example(row: Mapping[str, Any], index: int = 0, source: str = "<rows>") -> QAExample:
+    """Normalise one HotpotQA (either layout) or MuSiQue row; ``source``/``index`` name the row in errors."""
+    where = f"{source} row {index}"
+    if "question" not in row:
+        raise ValueError(f"{where}: no `question` field (keys: {sorted(row)}). Expected HotpotQA or MuSiQue rows.")
+    qid = str(row.get("_id", row.get("id", index)))
+    if "context" in row:
+        paragraphs = _paragraphs_from_context(row["context"], where)
+        if "supporting_facts" not in row:
+            raise ValueError(f"{where}: HotpotQA rows need `supporting_facts` to know the gold paragraphs.")
+        gold = _gold_titles_from_supporting_facts(row["supporting_facts"], where)
+        metadata = {key: row[key] for key in ("type", "level") if key in row}
+    elif "paragraphs" in row:  # MuSiQue
+        paragraphs, gold = [], []
+        for p in row["paragraphs"]:
+            paragraphs.append(Paragraph(str(p["title"]).strip(), str(p["paragraph_text"]).strip()))
+            if p.get("is_supporting"):
+                gold.append(paragraphs[-1].title)
+        gold = list(dict.fromkeys(gold))
+        metadata = {}
+    else:
+        raise ValueError(f"{where}: no `context` (HotpotQA) or `paragraphs` (MuSiQue) field.")
+    titles = {p.title for p in paragraphs}
+    missing = [t for t in gold if t not in titles]
+    if missing:
+        raise ValueError(f"{where}: gold titles {missing} are not among the row's paragraphs.")
+    return QAExample(qid, str(row["question"]).strip(), _answers(row, where), paragraphs, gold, metadata)
+
+
+def load_examples(
+    source: str | Path, split: str = "train", config: str | None = "distractor", limit: int | None = None
+) -> list[QAExample]:
+    """Questions from a local ``.json``/``.jsonl`` file or a Hub dataset id (``hotpot_qa`` with ``config``)."""
+    path = Path(source)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8-sig")
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+            if isinstance(rows, Mapping):
+                rows = rows.get("data", rows.get(split))
+            if not isinstance(rows, list):
+                raise ValueError(f"{path}: expected a JSON list of question rows (or jsonl).")
+        name = str(path)
+    elif path.suffix in {".json", ".jsonl"} or path.is_dir():
+        raise FileNotFoundError(f"{path} is not a question file (give a .json/.jsonl file or a Hub dataset id).")
+    else:
+        import datasets
+
+        rows = datasets.load_dataset(str(source), config, split=split)
+        name = f"{source}:{config}:{split}"
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows)))) if hasattr(rows, "select") else rows[:limit]
+    return [parse_example(row, i, name) for i, row in enumerate(rows)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Padding and rendering
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ParagraphPool:
+    """Every distinct paragraph (by title) of a set of questions: where the padding paragraphs are drawn from."""
+
+    def __init__(self, paragraphs: Iterable[Paragraph]):
+        seen: dict[str, Paragraph] = {}
+        for paragraph in paragraphs:
+            seen.setdefault(paragraph.title, paragraph)
+        self.paragraphs = list(seen.values())
+
+    @classmethod
+    def from_examples(cls, examples: Iterable[QAExample]) -> ParagraphPool:
+        return cls(p for example in examples for p in example.paragraphs)
+
+    def __len__(self) -> int:
+        return len(self.paragraphs)
+
+    def available_for(self, example: QAExample) -> int:
+        """How many pool paragraphs may pad ``example`` (its own titles are excluded)."""
+        own = {p.title for p in example.paragraphs}
+        return len(self.paragraphs) - sum(1 for p in self.paragraphs if p.title in own)
+
+    def sample(self, count: int, exclude_titles: set[str], rng: random.Random) -> list[Paragraph]:
+        """``count`` distinct paragraphs whose titles are not in ``exclude_titles``."""
+        candidates = [i for i in range(len(self.paragraphs)) if self.paragraphs[i].title not in exclude_titles]
+        if count > len(candidates):
+            raise ValueError(f"the paragraph pool has {len(candidates)} usable paragraphs, {count} requested.")
+        return [self.paragraphs[i] for i in rng.sample(candidates, count)]
+
+
+def render_documents(paragraphs: Sequence[Paragraph]) -> str:
+    """The MemTrain document layout: "Document i:\\n<title>\\n<text>" blocks joined by blank lines (1-based)."""
+    return "\n\n".join(f"Document {i}:\n{p.title}\n{p.text}" for i, p in enumerate(paragraphs, start=1))
+
+
+def build_row(
+    example: QAExample, num_docs: int, pool: ParagraphPool, seed: int, strict: bool = True
+) -> dict[str, Any]:
+    """One long-text QA row: the question's paragraphs + random pool paragraphs = ``num_docs``, shuffled.
+
+    The shuffle and the padding depend only on (seed, question id, num_docs), so a row does not change when other
+    questions are added or reordered. With ``strict=False`` a pool too small is a warning and ``num_docs`` is capped.
+    """
+    own = {p.title for p in example.paragraphs}
+    need = num_docs - len(example.paragraphs)
+    if need < 0:
+        raise ValueError(
+            f"question {example.id} already has {len(example.paragraphs)} paragraphs, more than num_docs={num_docs}; "
+            "use a larger number of documents."
+        )
+    available = pool.available_for(example)
+    if need > available:
+        message = (
+            f"question {example.id}: num_docs={num_docs} needs {need} padding paragraphs but the pool has only "
+            f"{available} (from {len(pool)} paragraphs); add more question rows (e.g. the full hotpot_qa split) "
+            "or lower the bucket size."
+        )
+        if strict:
+            raise ValueError(message)
+        logger.warning(message + " Capping the document count.")
+        need = available
+    rng = random.Random(f"longqa:{seed}:{example.id}:{num_docs}")
+    documents = list(example.paragraphs) + pool.sample(need, own, rng)
+    rng.shuffle(documents)
+    gold = set(example.gold_titles)
+    gold_positions = [i for i, p in enumerate(documents, start=1) if p.title in gold]
+    return {
+        "id": f"{example.id}-n{num_docs}",
+        "question_id": example.id,
+        "prompt": example.question,
+        "context": render_documents(documents),
+        "answers": list(example.answers),
+        "num_docs": len(documents),
+        "gold_titles": list(example.gold_titles),
+        "gold_positions": gold_positions,
+    }
+
+
+def build_bucket(
+    examples: Sequence[QAExample],
+    num_docs: int,
+    seed: int = 0,
+    pool: ParagraphPool | None = None,
+    strict: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows for every example at one document count; the pool defaults to all the examples' paragraphs."""
+    pool = pool if pool is not None else ParagraphPool.from_examples(examples)
+    return [build_row(example, num_docs, pool, seed, strict) for example in examples]
+
+
+def select_questions(examples: Sequence[QAExample], count: int | None, seed: int) -> list[QAExample]:
+    """A seeded random subset (order kept) of ``count`` questions; all when ``count`` is None or too large."""
+    if count is None or count >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(f"longqa-select:{seed}").sample(range(len(examples)), count))
+    return [examples[i] for i in keep]
+
+
+def build_test_buckets(
+    examples: Sequence[QAExample],
+    buckets: Sequence[int] = DEFAULT_TEST_BUCKETS,
+    num_questions: int | None = 128,
+    seed: int = 0,
+    pool_examples: Sequence[QAExample] | None = None,
+    strict: bool = True,
+) -> dict[str, list[dict[str, Any]]]:
+    """``{"test_n50": rows, ...}``: the SAME questions at every length, padded from ``pool_examples`` (default: all)."""
+    pool = ParagraphPool.from_examples(pool_examples if pool_examples is not None else examples)
+    questions = select_questions(examples, num_questions, seed)
+    return {f"test_n{n}": build_bucket(questions, n, seed, pool, strict) for n in buckets}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Closed-book filtering
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def answered_without_context(completion: str, answers: Sequence[str]) -> bool:
+    """Whether a closed-book reply already gives a gold answer (MemAgent's metric: normalised substring match).
+
+    The answer is the last ``\\boxed{}`` when present, else the lenient extraction (an ``<answer>`` tag, an
+    "answer:" line, or the first line), so a model that never boxes does not escape the filter by formatting, while
+    a short gold such as "no" is not matched against a whole rambling reply.
+    """
+    from memtrain.metrics import extract_answer, substring_match
+
+    prediction = extract_answer(completion, mode="lenient")
+    return bool(substring_match(prediction, list(answers)))
+
+
+def closed_book_prompt_ids(tokenizer: Any, question: str, templates: Any = None) -> list[int]:
+    """The memory agent's final prompt with "No previous memory": exactly what the agent sees with nothing read."""
+    from memtrain.agent.prompts import NO_MEMORY, PromptTemplates
+
+    templates = templates if templates is not None else PromptTemplates()
+    messages = [{"role": "user", "content": templates.render_final(question, NO_MEMORY)}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def filter_no_context(
+    rows: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    generator: Any,
+    sampling: Any = None,
+    batch_size: int = 32,
+    templates: Any = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split rows into (kept, dropped): dropped = the model answers correctly without reading the context.
+
+    One generator call per batch of prompts. Each dropped row carries the closed-book reply under
+    ``closed_book_completion`` so the decision can be audited.
+    """
+    from memtrain.agent.generation import SamplingConfig
+
+    sampling = sampling if sampling is not None else SamplingConfig(max_new_tokens=64, do_sample=False)
+    kept: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    for start in range(0, len(rows), batch_size):
+        batch = [dict(row) for row in rows[start : start + batch_size]]
+        prompts = [closed_book_prompt_ids(tokenizer, row["prompt"], templates) for row in batch]
+        output = generator.generate(prompts, n=1, sampling=sampling)
+        for row, ids in zip(batch, output.completion_ids, strict=True):
+            completion = tokenizer.decode(ids, skip_special_tokens=True)
+            if answered_without_context(completion, row["answers"]):
+                dropped.append({**row, "closed_book_completion": completion})
+            else:
+                kept.append(row)
+    return kept, dropped

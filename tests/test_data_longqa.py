@@ -1,0 +1,170 @@
+"""Long-text QA builder: document counts, gold paragraphs, seeded shuffling, closed-book filtering."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from memtrain.data.longqa import (
+    ParagraphPool,
+    answered_without_context,
+    build_bucket,
+    build_row,
+    build_test_buckets,
+    closed_book_prompt_ids,
+    load_examples,
+    parse_example,
+    render_documents,
+)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "longqa"
+HOTPOT = FIXTURES / "hotpotqa_train_12.json"
+MUSIQUE = FIXTURES / "musique_train_3.json"
+DOC_HEADER = re.compile(r"^Document (\d+):$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_examples(HOTPOT)
+
+
+def documents_of(context: str) -> list[tuple[str, str]]:
+    """(title, text) per "Document i:" block, checking the numbering is 1..N."""
+    blocks = context.split("\n\n")
+    out = []
+    for i, block in enumerate(blocks, start=1):
+        header, title, text = block.split("\n", 2)
+        assert header == f"Document {i}:"
+        out.append((title, text))
+    return out
+
+
+def test_parse_both_hotpot_layouts_agree(examples):
+    raw = json.loads(HOTPOT.read_text(encoding="utf-8"))[0]
+    hub_layout = {
+        "id": raw["_id"],
+        "question": raw["question"],
+        "answer": raw["answer"],
+        "supporting_facts": {
+            "title": [f[0] for f in raw["supporting_facts"]],
+            "sent_id": [f[1] for f in raw["supporting_facts"]],
+        },
+        "context": {"title": [c[0] for c in raw["context"]], "sentences": [c[1] for c in raw["context"]]},
+    }
+    from_hub = parse_example(hub_layout)
+    assert from_hub.paragraphs == examples[0].paragraphs
+    assert from_hub.gold_titles == examples[0].gold_titles == ["Alû", "Lilu (mythology)"]
+    assert from_hub.answers == examples[0].answers == [raw["answer"]]
+    # sentences are joined as written (they carry their own leading spaces)
+    assert examples[0].paragraphs[0].text == "".join(raw["context"][0][1]).strip()
+
+
+def test_musique_rows_with_aliases():
+    example = load_examples(MUSIQUE)[0]
+    raw = json.loads(MUSIQUE.read_text(encoding="utf-8"))[0]
+    assert example.answers[0] == raw["answer"]
+    assert set(raw["answer_aliases"]) <= set(example.answers)
+    assert example.gold_titles == [p["title"] for p in raw["paragraphs"] if p["is_supporting"]]
+
+
+def test_bad_rows_name_the_row_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"bad\.json row 1: no `question`"):
+        path = tmp_path / "bad.json"
+        path.write_text(
+            json.dumps([{"question": "q", "answer": "a", "context": [], "supporting_facts": []}, {"x": 1}])
+        )
+        load_examples(path)
+    with pytest.raises(ValueError, match="gold titles .* not among"):
+        parse_example({"question": "q", "answer": "a", "context": [["A", ["x"]]], "supporting_facts": [["B", 0]]})
+    with pytest.raises(FileNotFoundError, match="not a question file"):
+        load_examples(tmp_path / "missing.json")
+
+
+def test_bucket_document_counts_and_gold_present(examples):
+    pool = ParagraphPool.from_examples(examples)
+    assert len(pool) == 120  # 12 questions x 10 paragraphs, all titles distinct in this slice
+    for num_docs in (50, 100):
+        rows = build_bucket(examples, num_docs, seed=0, pool=pool)
+        assert len(rows) == len(examples)
+        for row, example in zip(rows, examples):
+            docs = documents_of(row["context"])
+            assert len(docs) == row["num_docs"] == num_docs
+            titles = [t for t, _ in docs]
+            assert len(set(titles)) == num_docs  # no paragraph twice
+            assert {p.title for p in example.paragraphs} <= set(titles)  # gold + distractors all kept
+            assert [titles[i - 1] for i in row["gold_positions"]] == [t for t in titles if t in example.gold_titles]
+            assert sorted(titles[i - 1] for i in row["gold_positions"]) == sorted(example.gold_titles)
+            for title, text in docs:  # padding comes from the pool, text unchanged
+                assert any(p.title == title and p.text == text for p in pool.paragraphs)
+            assert row["prompt"] == example.question and row["answers"] == example.answers
+
+
+def test_shuffle_is_seeded(examples):
+    pool = ParagraphPool.from_examples(examples)
+    a = [build_row(e, 50, pool, seed=1) for e in examples]
+    b = [build_row(e, 50, pool, seed=1) for e in examples]
+    c = [build_row(e, 50, pool, seed=2) for e in examples]
+    assert a == b
+    assert [r["gold_positions"] for r in a] != [r["gold_positions"] for r in c]
+    positions = {p for r in a for p in r["gold_positions"]}
+    assert len(positions) > 10  # gold documents land at many depths, not at the front
+    # a row depends on its own question only: building a subset gives the same text
+    assert build_row(examples[3], 50, pool, seed=1) == a[3]
+
+
+def test_pool_too_small_errors_or_caps(examples, caplog):
+    pool = ParagraphPool.from_examples(examples)
+    with pytest.raises(ValueError, match="needs 190 padding paragraphs but the pool has only 110"):
+        build_row(examples[0], 200, pool, seed=0)
+    row = build_row(examples[0], 200, pool, seed=0, strict=False)
+    assert row["num_docs"] == 120 and len(documents_of(row["context"])) == 120
+    assert "Capping" in caplog.text
+    with pytest.raises(ValueError, match="more than num_docs=5"):
+        build_row(examples[0], 5, pool, seed=0)
+
+
+def test_test_buckets_share_questions(examples):
+    buckets = build_test_buckets(examples, buckets=(20, 40), num_questions=5, seed=3)
+    assert list(buckets) == ["test_n20", "test_n40"]
+    ids20 = [r["question_id"] for r in buckets["test_n20"]]
+    assert len(ids20) == 5 and ids20 == [r["question_id"] for r in buckets["test_n40"]]
+    assert [r["num_docs"] for r in buckets["test_n40"]] == [40] * 5
+
+
+def test_render_matches_memtrain_document_format():
+    from memtrain.data.longqa import Paragraph
+
+    text = render_documents([Paragraph("A", "alpha."), Paragraph("B", "beta.")])
+    assert text == "Document 1:\nA\nalpha.\n\nDocument 2:\nB\nbeta."
+    assert DOC_HEADER.findall(text) == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    ("completion", "answers", "expected"),
+    [
+        ("The answer is \\boxed{Lorne Michaels}.", ["Lorne Michaels"], True),
+        ("\\boxed{the Lorne Michaels}", ["Lorne Michaels"], True),  # SQuAD normalisation drops articles
+        ("I think it was \\boxed{Paris}", ["London"], False),
+        (
+            "I don't know. No previous memory says nothing.",
+            ["no"],
+            True,
+        ),  # sub-EM is plain containment in the extracted line
+        ("Let me think.\nAnswer: yes", ["no"], False),  # only the extracted answer is scored, not the whole reply
+        ("\\boxed{yes}", ["no", "yes"], True),  # any alias
+        ("", ["Paris"], False),
+    ],
+)
+def test_answered_without_context_on_real_strings(completion, answers, expected):
+    assert answered_without_context(completion, answers) is expected
+
+
+def test_closed_book_prompt_uses_no_previous_memory(tokenizer):
+    ids = closed_book_prompt_ids(tokenizer, "Who wrote Hamlet?")
+    text = tokenizer.decode(ids)
+    assert "No previous memory" in text and "Who wrote Hamlet?" in text and "<section>" not in text
+    assert text.rstrip().endswith("assistant")  # ends on the assistant header, ready to generate
