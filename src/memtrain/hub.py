@@ -1,0 +1,205 @@
+"""Model cards and Hub pushes for trained checkpoints and adapters.
+
+Card templates are Jinja files (huggingface_hub card templates) kept in ONE place, ``hub_cards/`` at the repository
+root. An installed package finds them through ``memtrain/resources/hub_cards``, a symlink to that folder in the source
+tree that setuptools resolves into real files when it builds a wheel. :func:`hub_card_template` looks in the checkout
+first, then in the installed package, so any card (model or dataset) is found the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, RepoCard
+from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
+
+
+__all__ = [
+    "MEMTRAIN_TAGS",
+    "DEFAULT_IGNORE_PATTERNS",
+    "hub_card_template",
+    "render_model_card",
+    "push_folder_to_hub",
+]
+
+MEMTRAIN_TAGS = ("memtrain", "grpo", "trl", "memory-agent")
+
+# Trainer output folders also hold resumable checkpoints (optimizer state: several times the model size) and caches.
+DEFAULT_IGNORE_PATTERNS = (".git/*", ".cache/*", "checkpoint-*", "__pycache__/*", "*/__pycache__/*")
+
+_REPO_HUB_CARDS = Path(__file__).resolve().parents[2] / "hub_cards"
+_FRAMEWORKS = ("memtrain", "transformers", "trl", "peft", "accelerate", "datasets", "torch")
+# Recipe keys whose values must never be published (a recipe may carry a token for pushing).
+_SECRET_KEY = re.compile(
+    r"^(?P<indent>\s*-?\s*)(?P<key>[\w.-]*(?:token|api_key|apikey|secret|password))"
+    r"(?P<sep>\s*:\s*)(?P<value>\S.*)$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_NOT_SECRET_KEYS = re.compile(r"(?:^|_)(?:pad|eos|bos|unk|sep|cls|mask|special)_token$|^max_\w*token$", re.IGNORECASE)
+
+
+def hub_card_template(name: str) -> Path:
+    """Path of the card template ``name`` (e.g. ``"model_card.md"``), from the checkout or the installed package."""
+    candidates = [_REPO_HUB_CARDS / name]
+    try:
+        packaged = importlib.resources.files("memtrain") / "resources" / "hub_cards" / name
+        candidates.append(Path(str(packaged)))
+    except (ModuleNotFoundError, TypeError):  # a zipped install without a filesystem path
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    searched = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(
+        f"No hub card template named {name!r} (looked in {searched}). Templates live in hub_cards/ at the "
+        "repository root; reinstall memtrain if the package copy is missing."
+    )
+
+
+def _hub_id(value: str, what: str) -> str:
+    try:
+        validate_repo_id(value)
+    except HFValidationError as err:
+        raise ValueError(
+            f"{what} must be a Hub repo id such as 'Qwen/Qwen2.5-7B-Instruct', got {value!r} ({err}). For weights "
+            "loaded from a local folder or GGUF file, give the Hub id of the model they came from."
+        ) from err
+    return value
+
+
+def _redact_secrets(recipe_yaml: str) -> str:
+    """Blank the values of token/key/secret/password entries so a card never publishes credentials."""
+
+    def redact(match: re.Match[str]) -> str:
+        if _NOT_SECRET_KEYS.search(match["key"]):
+            return match[0]
+        return f"{match['indent']}{match['key']}{match['sep']}<redacted>"
+
+    return _SECRET_KEY.sub(redact, recipe_yaml)
+
+
+def _code_fence(text: str) -> str:
+    """A backtick fence longer than any backtick run inside ``text``, so the code block cannot be closed early."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _format_metric(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.4f}"
+
+
+def _framework_versions() -> list[tuple[str, str]]:
+    versions = []
+    for name in _FRAMEWORKS:
+        try:
+            versions.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            if name == "memtrain":
+                from memtrain import __version__
+
+                versions.append((name, __version__))
+    return versions
+
+
+def render_model_card(
+    *,
+    repo_id: str,
+    base_model: str,
+    recipe_name: str,
+    recipe_yaml: str,
+    dataset_id: str | None,
+    metrics: Mapping[str, object],
+    is_adapter: bool,
+    license: str = "apache-2.0",
+    language: str | Sequence[str] = "en",
+    extra_tags: Sequence[str] = (),
+    template: str = "model_card.md",
+) -> ModelCard:
+    """The model card of a trained checkpoint: Hub metadata, what MemTrain is, the recipe, metrics and usage.
+
+    ``license`` defaults to Apache-2.0, the licence of the paper's backbones (Qwen2.5/Qwen3) and of SmolLM2; set it
+    to your base model's licence otherwise. Secrets in ``recipe_yaml`` (token, api_key, password, ... values) are
+    replaced by ``<redacted>``. ``metrics`` maps a metric name to its value (floats shown with 4 decimals).
+    """
+    _hub_id(repo_id, "repo_id")
+    _hub_id(base_model, "base_model")
+    if dataset_id is not None:
+        _hub_id(dataset_id, "dataset_id")
+    tags = list(dict.fromkeys([*MEMTRAIN_TAGS, *(["lora", "peft"] if is_adapter else []), *extra_tags]))
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="peft" if is_adapter else "transformers",
+        tags=tags,
+        datasets=[dataset_id] if dataset_id else None,
+        license=license,
+        language=[language] if isinstance(language, str) else list(language),
+        pipeline_tag="text-generation",
+        model_name=repo_id.split("/")[-1],
+    )
+    recipe = _redact_secrets(recipe_yaml.strip("\n"))
+    rows = [(str(name).replace("|", "\\|"), _format_metric(value)) for name, value in metrics.items()]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(hub_card_template(template)),
+        repo_id=repo_id,
+        recipe_name=recipe_name,
+        recipe_yaml=recipe,
+        recipe_fence=_code_fence(recipe),
+        dataset_id=dataset_id,
+        metric_rows=rows,
+        is_adapter=is_adapter,
+        framework_versions=_framework_versions(),
+    )
+
+
+def push_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    card: RepoCard | None = None,
+    private: bool = False,
+    commit_message: str = "Upload with memtrain",
+    token: str | None = None,
+    repo_type: str = "model",
+    ignore_patterns: Sequence[str] = DEFAULT_IGNORE_PATTERNS,
+    revision: str | None = None,
+) -> str:
+    """Create the repo if needed and upload ``folder`` with ``card`` as its README.md, in ONE commit.
+
+    One commit (rather than upload_folder followed by a card push) means the repo never shows weights without their
+    card. ``card`` replaces any README.md in the folder. Returns the commit URL.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Cannot push {folder}: it is not a folder (give the output_dir of a training run).")
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    files = list(filter_repo_objects(files, ignore_patterns=list(ignore_patterns)))
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+    if card is not None:
+        operations = [op for op in operations if op.path_in_repo != "README.md"]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    if not operations:
+        raise ValueError(
+            f"Nothing to push from {folder}: it has no files outside the ignore patterns {ignore_patterns}."
+        )
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True)
+    commit = api.create_commit(
+        repo_id=repo_url.repo_id,
+        repo_type=repo_type,
+        operations=operations,
+        commit_message=commit_message,
+        revision=revision,
+    )
+    return commit.commit_url
