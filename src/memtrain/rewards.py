@@ -10,7 +10,8 @@ repeated per rollout (``answers: list[list[str]]``, ``prompt``, ...) and TRL's e
 
 Strict and lenient extraction: every answer reward is registered twice, ``<name>`` (the answer is the last
 ``\\boxed{}``, the paper's rule) and ``<name>_lenient`` (:func:`memtrain.metrics.extract_answer`'s lenient rule, for
-small models that rarely box). Choosing by name keeps recipes declarative and makes TRL log the two under different
+small models that rarely box; it also reads MEM1-style ``<answer>...</answer>`` replies, so search QA uses
+``answer_em_lenient``). Choosing by name keeps recipes declarative and makes TRL log the two under different
 names. Every function's ``__name__`` is its registry name, which is what TRL logs (``rewards/<name>/mean``).
 
 Custom rewards: decorate a function with :func:`register_reward`, or list ``"package.module:function"`` in a recipe.
@@ -26,7 +27,15 @@ from typing import Any
 from memtrain.metrics import exact_match, extract_answer, f1_score, masked_entity_match, substring_match
 
 
-__all__ = ["REWARD_FUNCS", "LENIENT_SUFFIX", "RewardFunc", "register_reward", "get_reward_funcs", "recall_em"]
+__all__ = [
+    "REWARD_FUNCS",
+    "LENIENT_SUFFIX",
+    "RewardFunc",
+    "register_reward",
+    "get_reward_funcs",
+    "recall_em",
+    "completion_text",
+]
 
 RewardFunc = Callable[..., list[float | None]]
 
