@@ -12,7 +12,9 @@ Strict and lenient extraction: every answer reward is registered twice, ``<name>
 ``\\boxed{}``, the paper's rule) and ``<name>_lenient`` (:func:`memtrain.metrics.extract_answer`'s lenient rule, for
 small models that rarely box; it also reads MEM1-style ``<answer>...</answer>`` replies, so search QA uses
 ``answer_em_lenient``). Choosing by name keeps recipes declarative and makes TRL log the two under different
-names. Every function's ``__name__`` is its registry name, which is what TRL logs (``rewards/<name>/mean``).
+names. Caveat: without a box or tag, lenient extraction falls back to a reply's first line, so
+``answer_sub_em_lenient`` pays any one-line reply that merely contains the gold; train on it only next to a
+stricter reward. Every function's ``__name__`` is its registry name, which is what TRL logs (``rewards/<name>/mean``).
 
 Custom rewards: decorate a function with :func:`register_reward`, or list ``"package.module:function"`` in a recipe.
 """
