@@ -86,9 +86,16 @@ def test_full_model_card_without_dataset_or_metrics():
     assert "No evaluation was run" in card.text
 
 
-def test_local_paths_are_not_hub_ids():
-    with pytest.raises(ValueError, match="base_model must be a Hub repo id"):
-        adapter_card(base_model="/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+def test_local_bases_and_datasets_are_named_but_not_linked(caplog, tmp_path):
+    data_dir = tmp_path / "masked"
+    data_dir.mkdir()
+    for base in ["/models/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m", str(tmp_path)]:
+        card = adapter_card(base_model=base, dataset_id=str(data_dir))
+        data = ModelCard(str(card)).data.to_dict()
+        assert "base_model" not in data and "datasets" not in data
+        assert f"A LoRA adapter (PEFT) for a local base model (`{base}`)" in card.text
+        assert f"- Data: a local dataset (`{data_dir}`)" in card.text
+    assert "is not a Hub repo id" in caplog.text
     with pytest.raises(ValueError, match="repo_id must be a Hub repo id"):
         adapter_card(repo_id="alice/bad name")
 

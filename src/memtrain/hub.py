@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
+import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,8 @@ __all__ = [
     "render_model_card",
     "push_folder_to_hub",
 ]
+
+logger = logging.getLogger(__name__)
 
 MEMTRAIN_TAGS = ("memtrain", "grpo", "trl", "memory-agent")
 
@@ -65,11 +68,42 @@ def _hub_id(value: str, what: str) -> str:
     try:
         validate_repo_id(value)
     except HFValidationError as err:
-        raise ValueError(
-            f"{what} must be a Hub repo id such as 'Qwen/Qwen2.5-7B-Instruct', got {value!r} ({err}). For weights "
-            "loaded from a local folder or GGUF file, give the Hub id of the model they came from."
-        ) from err
+        raise ValueError(f"{what} must be a Hub repo id such as 'alice/my-model', got {value!r} ({err}).") from err
     return value
+
+
+def _packaged_model_names() -> set[str]:
+    """Names memtrain.models resolves to a GGUF shipped in a pip package: they look like Hub ids but are not."""
+    try:
+        from memtrain.models import PACKAGED_MODELS
+    except ImportError:
+        return set()
+    return {alias for name, model in PACKAGED_MODELS.items() for alias in (name, *model.aliases)}
+
+
+def _hub_ref(value: str | None, what: str, url_prefix: str) -> tuple[str | None, str]:
+    """(the Hub id for the card's metadata or None, the Markdown reference for its text).
+
+    A base model or dataset loaded from a local folder, a file or a packaged name is still named on the card, but it
+    is kept out of the metadata, which the Hub reads as a link to an existing repo.
+    """
+    if value is None:
+        return None, f"a local {what} (not published)"
+    try:
+        validate_repo_id(value)
+        is_local = Path(value).exists() or value.endswith((".gguf", ".json", ".jsonl", ".parquet"))
+        is_local = is_local or value in _packaged_model_names()
+    except HFValidationError:
+        is_local = True
+    if is_local:
+        logger.warning(
+            "The %s %r is not a Hub repo id: it is named on the model card but left out of its metadata. Pass the "
+            "Hub id it came from to link it.",
+            what,
+            value,
+        )
+        return None, f"a local {what} (`{value}`)"
+    return value, f"[{value}](https://huggingface.co/{url_prefix}{value})"
 
 
 def _redact_secrets(recipe_yaml: str) -> str:
@@ -129,19 +163,19 @@ def render_model_card(
     """The model card of a trained checkpoint: Hub metadata, what MemTrain is, the recipe, metrics and usage.
 
     ``license`` defaults to Apache-2.0, the licence of the paper's backbones (Qwen2.5/Qwen3) and of SmolLM2; set it
-    to your base model's licence otherwise. Secrets in ``recipe_yaml`` (token, api_key, password, ... values) are
+    to your base model's licence otherwise. ``base_model`` and ``dataset_id`` should be Hub ids, which the metadata
+    links; a local path or packaged name is named in the text only (with a warning). Secrets in ``recipe_yaml`` (token, api_key, password, ... values) are
     replaced by ``<redacted>``. ``metrics`` maps a metric name to its value (floats shown with 4 decimals).
     """
     _hub_id(repo_id, "repo_id")
-    _hub_id(base_model, "base_model")
-    if dataset_id is not None:
-        _hub_id(dataset_id, "dataset_id")
+    base_model_id, base_model_ref = _hub_ref(base_model, "base model", "")
+    dataset_hub_id, dataset_ref = _hub_ref(dataset_id, "dataset", "datasets/")
     tags = list(dict.fromkeys([*MEMTRAIN_TAGS, *(["lora", "peft"] if is_adapter else []), *extra_tags]))
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=base_model_id,
         library_name="peft" if is_adapter else "transformers",
         tags=tags,
-        datasets=[dataset_id] if dataset_id else None,
+        datasets=[dataset_hub_id] if dataset_hub_id else None,
         license=license,
         language=[language] if isinstance(language, str) else list(language),
         pipeline_tag="text-generation",
@@ -156,7 +190,8 @@ def render_model_card(
         recipe_name=recipe_name,
         recipe_yaml=recipe,
         recipe_fence=_code_fence(recipe),
-        dataset_id=dataset_id,
+        base_model_ref=base_model_ref,
+        dataset_ref=dataset_ref,
         metric_rows=rows,
         is_adapter=is_adapter,
         framework_versions=_framework_versions(),
