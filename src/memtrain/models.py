@@ -118,9 +118,14 @@ def model_cache_dir() -> Path:
 
 def _strip_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
     """GGUF weights are already dequantized to dense tensors; drop the quantizer so the model trains and saves."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # drops hf_quantizer, config.quantization_config, is_quantized
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if getattr(model.config, "_is_quantized", False):
+        model.config._is_quantized = False
     return model
 
 
@@ -442,7 +447,7 @@ def load_from_model_config(
     kwargs: dict[str, Any] = {
         "revision": model_args.model_revision,
         "dtype": model_args.dtype,
-        "trust_remote_code": model_args.trust_remote_code,
+        "trust_remote_code": getattr(model_args, "trust_remote_code", False),  # dropped from ModelConfig in TRL 1.x
         "attn_implementation": model_args.attn_implementation,
         "load_in_4bit": model_args.load_in_4bit,
         "bnb_4bit_quant_type": model_args.bnb_4bit_quant_type,
