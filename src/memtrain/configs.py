@@ -1,0 +1,181 @@
+"""The dataclasses a recipe is parsed into, and the recipe parser that refuses unknown keys before any model loads.
+
+A recipe is one YAML file whose keys belong to exactly one of: :class:`MemTrainScriptArguments` (data),
+:class:`~memtrain.agent.memory_agent.AgentConfig` (the memory agent), :class:`MemTrainConfig` (GRPO + MemTrain
+knobs, a ``trl.GRPOConfig``) and ``trl.ModelConfig`` (model loading, LoRA / QLoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
+
+from memtrain.agent.memory_agent import AgentConfig
+
+
+@dataclass
+class MemTrainScriptArguments(ScriptArguments):
+    """Where the training documents come from.
+
+    ``dataset_name`` is a Hub dataset id, a folder written by ``save_to_disk`` / ``scripts/build_dataset.py``, or a
+    local parquet / jsonl / json file. Rows follow the dataset contract: ``prompt``, ``context``, ``answers``.
+    """
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, a `save_to_disk` folder, or a parquet/jsonl/json file."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training documents (quick runs)."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
+
+
+@dataclass
+class MemTrainConfig(GRPOConfig):
+    """``trl.GRPOConfig`` plus what multi-conversation GRPO over a memory agent needs (PAPER.md sections 3-5).
+
+    ``num_generations`` is G1, the rollouts per document; ``per_device_train_batch_size`` counts rollouts (as TRL
+    counts completions), so a step trains ``per_device_train_batch_size / num_generations`` documents per device.
+    """
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["masked_entity_em", "memory_recall"],
+        metadata={"help": "Reward functions by registry name (memtrain.rewards); weights in `reward_weights`."},
+    )
+    lenient_recall: bool = field(
+        default=False,
+        metadata={
+            "help": "Score recall answers leniently (small models rarely write \\boxed{}); pair it with a `_lenient` "
+            "final-answer reward. A small-model setting, not the paper's strict boxed exact match."
+        },
+    )
+    recall_samples: int = field(
+        default=8, metadata={"help": "G2: answers sampled for each rollout's intermediate-memory recall probe."}
+    )
+    recall_chunk_policy: str = field(
+        default="any",
+        metadata={
+            "help": "Which read chunk the recall probe masks: `any` (uniform over the chunks the memory has read, the "
+            "paper) or `latest` (the chunk read last: easier, for small models)."
+        },
+    )
+    train_recall_answers: bool = field(
+        default=True,
+        metadata={"help": "Train on the recall answers (their own G2 groups). Off: recall only feeds the reward."},
+    )
+    filter_zero_variance_groups: bool = field(
+        default=True, metadata={"help": "Drop groups whose rewards are all equal (DAPO dynamic filtering)."}
+    )
+    loss_aggregation: str = field(
+        default="token_mean",
+        metadata={
+            "help": "`token_mean`: every generated token of the step weighs the same. `conversation_mean`: average "
+            "per rollout first (the paper's equation), then over rollouts and recall answers."
+        },
+    )
+    max_tokens_per_microbatch: int = field(
+        default=16384,
+        metadata={"help": "Token budget (rows x padded length) of one forward/backward micro-batch."},
+    )
+    trajectory_html_steps: int = field(
+        default=50, metadata={"help": "Write a trajectory HTML page every N optimizer steps (0: never)."}
+    )
+    trajectory_html_max: int = field(default=4, metadata={"help": "Rollouts shown on each trajectory page."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recall_chunk_policy not in {"any", "latest"}:
+            raise ValueError(f"recall_chunk_policy must be `any` or `latest`, got {self.recall_chunk_policy!r}.")
+        if self.loss_aggregation not in {"token_mean", "conversation_mean"}:
+            raise ValueError(
+                f"loss_aggregation must be `token_mean` or `conversation_mean`, got {self.loss_aggregation!r}."
+            )
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values but reward_funcs names "
+                f"{len(self.reward_funcs)} functions ({self.reward_funcs}); give one weight per function."
+            )
+        if self.max_tokens_per_microbatch < 1:
+            raise ValueError("max_tokens_per_microbatch must be positive.")
+
+
+RECIPE_DATACLASSES = (MemTrainScriptArguments, AgentConfig, MemTrainConfig, ModelConfig)
+
+
+class RecipeError(ValueError):
+    """A recipe names a key no dataclass knows, or is not a YAML mapping."""
+
+
+def known_recipe_keys(dataclass_types: Sequence[type] = RECIPE_DATACLASSES) -> set[str]:
+    return {f.name for cls in dataclass_types for f in dataclasses.fields(cls)} | {"env"}
+
+
+def load_recipe(path: str | Path, dataclass_types: Sequence[type] = RECIPE_DATACLASSES) -> dict[str, Any]:
+    """Read a recipe and check every key before anything heavy happens."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(
+            f"Recipe {path} does not exist. Recipes live under recipes/ (e.g. recipes/smollm2-135m.yaml)."
+        )
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"Recipe {path} must be a YAML mapping of `key: value` lines.")
+    check_recipe_keys(recipe, source=str(path), dataclass_types=dataclass_types)
+    return recipe
+
+
+def check_recipe_keys(
+    recipe: dict[str, Any], source: str = "the recipe", dataclass_types: Sequence[type] = RECIPE_DATACLASSES
+) -> None:
+    known = known_recipe_keys(dataclass_types)
+    unknown = [key for key in recipe if key not in known]
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            lines.append(f"  - {key}{hint}")
+        raise RecipeError(
+            f"Unknown key(s) in {source}:\n" + "\n".join(lines) + "\nFix the spelling or remove the key; the valid "
+            "keys are the fields of " + ", ".join(cls.__name__ for cls in dataclass_types) + "."
+        )
+
+
+def _split_cli_overrides(argv: list[str], dataclass_types: Sequence[type]) -> None:
+    known = known_recipe_keys(dataclass_types)
+    for arg in argv:
+        if arg.startswith("--") and arg != "--config":
+            key = arg[2:].split("=", 1)[0].replace("-", "_")
+            if key not in known and not key.startswith("no_"):
+                close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+                hint = f" (did you mean --{', --'.join(close)}?)" if close else ""
+                raise RecipeError(f"Unknown command-line option --{key}{hint}.")
+
+
+def parse_recipe_args(
+    argv: list[str] | None = None, dataclass_types: Sequence[type] = RECIPE_DATACLASSES
+) -> tuple[Any, ...]:
+    """Parse ``recipe.yaml [--key value ...]`` (or ``--config recipe.yaml``) into the recipe dataclasses.
+
+    Command-line ``--key value`` pairs override the recipe. Unknown keys, in the file or on the command line, raise
+    :class:`RecipeError` naming the key before any model is loaded.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv = ["--config", argv[0], *argv[1:]]
+    if "--config" in argv:
+        load_recipe(argv[argv.index("--config") + 1], dataclass_types)
+    _split_cli_overrides(argv, dataclass_types)
+    parser = TrlParser(tuple(dataclass_types))
+    return parser.parse_args_and_config(argv)

@@ -1,0 +1,501 @@
+"""MemTrainer: multi-conversation GRPO over the memory agent (PAPER.md sections 3-5), as a ``trl.GRPOTrainer``.
+
+TRL's GRPOTrainer trains one sequence per sample. A MemTrain sample is a whole rollout: T memory updates, one final
+answer, and G2 recall answers, each generated from its own prompt. MemTrainer keeps TRL's machinery (dataloader and
+RepeatSampler, generation backends with their weight sync, fused log-prob computation, reference model / disabled
+adapters, logging, checkpoints) and replaces what happens between a batch of documents and the backward pass:
+
+    documents (G1 copies each) -> MemoryAgent rollouts (one generator call per step)
+    -> recall probes (one call, G2 answers each) -> reward functions -> rollout rewards R_i = sum_j w_j r_ij
+    -> advantages (per document group; per probe group) -> one TrainingRow per model call
+    -> micro-batches packed by a token budget -> PPO-clip loss (+ beta KL) on each row's own prompt only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from memtrain.agent.generation import GenerationOutput, SamplingConfig
+from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
+from memtrain.agent.prompts import TARGET_TOKEN
+from memtrain.agent.recall import EntityFinder, EntityMasker, RecallProbe, build_recall_probes
+from memtrain.agent.trajectory import Trajectory
+from memtrain.configs import MemTrainConfig
+from memtrain.grpo import (
+    TrainingRow,
+    assign_loss_weights,
+    clipped_policy_loss,
+    collate_rows,
+    group_advantages,
+    pack_micro_batches,
+)
+from memtrain.rewards import get_reward_funcs, recall_em
+
+
+class TrainerGenerator:
+    """The agent's Generator over TRL's own generation path of a trainer.
+
+    That path is transformers ``generate`` (unwrapping DeepSpeed ZeRO-3 / FSDP parameters for generation) or vLLM in
+    colocate or server mode (weights synced to vLLM once per optimizer step). The per-call token budget (memory,
+    answer) is applied by temporarily setting the trainer's completion length.
+    """
+
+    def __init__(self, trainer: GRPOTrainer):
+        self.trainer = trainer
+        self.calls = 0
+
+    @contextlib.contextmanager
+    def _max_new_tokens(self, max_new_tokens: int):
+        trainer = self.trainer
+        saved = trainer.max_completion_length
+        vllm = getattr(trainer, "vllm_generation", None) if trainer.use_vllm else None
+        generation_config = getattr(trainer, "generation_config", None)
+        saved_config = getattr(generation_config, "max_new_tokens", None)
+        trainer.max_completion_length = max_new_tokens
+        if vllm is not None:
+            vllm.max_completion_length = max_new_tokens
+        if generation_config is not None:
+            generation_config.max_new_tokens = max_new_tokens
+        try:
+            yield
+        finally:
+            trainer.max_completion_length = saved
+            if vllm is not None:
+                vllm.max_completion_length = saved
+            if generation_config is not None:
+                generation_config.max_new_tokens = saved_config
+
+    def generate(
+        self, prompt_ids: list[list[int]], n: int = 1, sampling: SamplingConfig | None = None
+    ) -> GenerationOutput:
+        self.calls += 1
+        if not prompt_ids:
+            return GenerationOutput(completion_ids=[], finished=[], logprobs=[])
+        expanded = [list(ids) for ids in prompt_ids for _ in range(n)]
+        max_new_tokens = sampling.max_new_tokens if sampling is not None else self.trainer.max_completion_length
+        with self._max_new_tokens(max_new_tokens):
+            completion_ids, logprobs = self.trainer._generate_single_turn(expanded, None, {}, n)
+        eos = set(self.trainer.eos_token_ids)
+        completion_ids = [list(c) for c in completion_ids]
+        finished = [bool(c) and c[-1] in eos for c in completion_ids]
+        return GenerationOutput(completion_ids=completion_ids, finished=finished, logprobs=logprobs)
+
+
+def default_entity_tools() -> tuple[EntityFinder, EntityMasker]:
+    """The paper's spaCy entity rule and the leak-free masker of memtrain.data.entities, for recall probes."""
+    from memtrain.data.entities import EntityExtractor, mask_entity_in_text
+
+    extractor = EntityExtractor()
+
+    def find_entities(texts: list[str]) -> list[list[str]]:
+        return extractor.valid_entities_batch(texts)
+
+    def mask_target(text: str, entity: str) -> str:
+        return mask_entity_in_text(text, entity, token=TARGET_TOKEN)
+
+    return find_entities, mask_target
+
+
+class MemTrainer(GRPOTrainer):
+    """Multi-conversation GRPO for memory agents: a ``trl.GRPOTrainer`` whose samples are whole rollouts.
+
+    Args:
+        model: a model id/path or a loaded model (see memtrain.models).
+        args: :class:`~memtrain.configs.MemTrainConfig`.
+        agent_config: chunk and memory budgets, prompt templates.
+        train_dataset: rows with ``prompt``, ``context``, ``answers``.
+        entity_tools: (find_entities, mask_entity) for recall probes; spaCy's rule by default.
+        reward_funcs: callables overriding ``args.reward_funcs`` (names are resolved through memtrain.rewards).
+    """
+
+    _tag_names = ["trl", "grpo", "memtrain", "memory-agent"]
+    _name = "MemTrain"
+
+    def __init__(
+        self,
+        model: Any,
+        args: MemTrainConfig,
+        agent_config: AgentConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        callbacks: list | None = None,
+        entity_tools: tuple[EntityFinder, EntityMasker] | None = None,
+        reward_funcs: list[Callable] | None = None,
+    ):
+        if args.log_completions:
+            raise ValueError(
+                "log_completions is not supported by MemTrainer (a sample is a whole rollout); use "
+                "trajectory_html_steps to save rollouts as HTML pages."
+            )
+        reward_funcs = reward_funcs if reward_funcs is not None else get_reward_funcs(args.reward_funcs)
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            peft_config=peft_config,
+        )
+        self.agent_config = agent_config or AgentConfig()
+        self.templates = self.agent_config.templates()
+        self.generator = TrainerGenerator(self)
+        self.memory_agent = MemoryAgent(self.processing_class, self.generator, self.agent_config)
+        self._entity_tools = entity_tools
+        self._skip_next_optimizer_step = False
+        self._last_trajectories: list[Trajectory] = []
+
+    # ------------------------------------------------------------------ optimizer: skip empty steps
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if not getattr(optimizer, "_memtrain_guarded", False):
+            step = optimizer.step
+
+            def guarded_step(*step_args, **step_kwargs):
+                # A step whose every group was filtered has no gradient; skipping keeps weight decay and Adam's
+                # momentum from moving the weights anyway.
+                if self._skip_next_optimizer_step:
+                    self._skip_next_optimizer_step = False
+                    return None
+                return step(*step_args, **step_kwargs)
+
+            optimizer.step = guarded_step
+            optimizer._memtrain_guarded = True
+        return optimizer
+
+    # ------------------------------------------------------------------ generation + scoring
+    @property
+    def entity_tools(self) -> tuple[EntityFinder, EntityMasker]:
+        if self._entity_tools is None:
+            self._entity_tools = default_entity_tools()
+        return self._entity_tools
+
+    def _gather_floats(self, values: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.gather(values.to(self.accelerator.device)).cpu()
+
+    def _score_rollouts(self, trajectories: list[Trajectory], batch: list[dict], recall_rewards: list) -> torch.Tensor:
+        """(n_rollouts, n_funcs) reward matrix in TRL's convention (None -> NaN)."""
+        columns = {key: [row[key] for row in batch] for key in batch[0] if key not in {"prompt", "completion"}}
+        completions = [t.answer for t in trajectories]
+        completion_ids = [t.calls[-1].completion_ids if t.calls else [] for t in trajectories]
+        rewards = torch.full((len(trajectories), len(self.reward_funcs)), math.nan)
+        for j, func in enumerate(self.reward_funcs):
+            values = func(
+                prompts=[row["prompt"] for row in batch],
+                completions=completions,
+                completion_ids=completion_ids,
+                recall_rewards=recall_rewards,
+                trainer_state=self.state,
+                **columns,
+            )
+            for i, value in enumerate(values):
+                if value is not None:
+                    rewards[i, j] = float(value)
+        return rewards
+
+    def _answer_probes(self, probes: list[RecallProbe | None]) -> tuple[list[list[float]], GenerationOutput | None]:
+        live = [p for p in probes if p is not None]
+        if not live:
+            return [[] for _ in probes], None
+        prompts = [self.memory_agent.encode_chat(self.templates.render_recall(p.memory, p.masked_chunk)) for p in live]
+        output = self.generator.generate(
+            prompts,
+            n=self.args.recall_samples,
+            sampling=SamplingConfig(max_new_tokens=self.agent_config.max_answer_tokens),
+        )
+        self._recall_prompts = prompts
+        tokenizer = self.processing_class
+        scores: list[list[float]] = []
+        g2 = self.args.recall_samples
+        live_index = 0
+        for probe in probes:
+            if probe is None:
+                scores.append([])
+                continue
+            block = output.completion_ids[live_index * g2 : (live_index + 1) * g2]
+            texts = tokenizer.batch_decode(block, skip_special_tokens=True)
+            scores.append([recall_em(text, probe.entity, lenient=self.args.lenient_recall) for text in texts])
+            live_index += 1
+        return scores, output
+
+    def _rollout_and_score(self, batch: list[dict]) -> list[TrainingRow]:
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode]
+        n_local = len(batch)
+        doc_ids = [str(row.get("id", i)) for i, row in enumerate(batch)]
+        start = time.perf_counter()
+        trajectories = self.memory_agent.rollout(
+            [row["context"] for row in batch],
+            [row["prompt"] for row in batch],
+            n=1,
+            doc_ids=doc_ids,
+            sampling=SamplingConfig(max_new_tokens=self.agent_config.max_memory_tokens),
+        )
+
+        find_entities, mask_entity = self.entity_tools
+        recall_wanted = "memory_recall" in self.args.reward_funcs or self.args.train_recall_answers
+        probes: list[RecallProbe | None] = [None] * n_local
+        if recall_wanted and self.args.recall_samples > 0:
+            seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.accelerator.process_index
+            probes = build_recall_probes(
+                trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed
+            )
+        recall_scores, recall_output = self._answer_probes(probes)
+        recall_rewards = [sum(s) / len(s) if s else None for s in recall_scores]
+        metrics["rollout_time"].append(time.perf_counter() - start)
+
+        # Rollout rewards and advantages over the global batch: a document's G1 rollouts may sit on several processes.
+        rewards_per_func = self._gather_floats(self._score_rollouts(trajectories, batch, recall_rewards))
+        weights = torch.tensor(
+            self.args.reward_weights if self.args.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        )
+        total_rewards = torch.nansum(rewards_per_func * weights.unsqueeze(0), dim=1)
+        n_global = total_rewards.numel()
+        group_ids = torch.arange(n_global) // self.num_generations
+        rollout_adv = group_advantages(
+            total_rewards, group_ids, self.args.scale_rewards, self.args.filter_zero_variance_groups
+        )
+        offset = self.accelerator.process_index * n_local
+        local = slice(offset, offset + n_local)
+
+        rows: list[TrainingRow] = []
+        for i, trajectory in enumerate(trajectories):
+            if not bool(rollout_adv.keep[local][i]):
+                continue
+            advantage = float(rollout_adv.advantages[local][i])
+            for call in trajectory.calls:
+                if call.completion_ids:
+                    rows.append(TrainingRow(call.prompt_ids, call.completion_ids, advantage, call.kind, i))
+
+        # Each probe's G2 answers form their own group.
+        probe_rewards = [score for scores in recall_scores for score in scores]
+        recall_groups = [k for k, scores in enumerate(recall_scores) for _ in scores]
+        recall_filtered = 0
+        if probe_rewards and self.args.train_recall_answers and recall_output is not None:
+            recall_adv = group_advantages(
+                torch.tensor(probe_rewards),
+                torch.tensor(recall_groups),
+                self.args.scale_rewards,
+                self.args.filter_zero_variance_groups,
+            )
+            recall_filtered = recall_adv.num_filtered_groups
+            prompt_of_answer = [p for p in self._recall_prompts for _ in range(self.args.recall_samples)]
+            for a, completion in enumerate(recall_output.completion_ids):
+                if bool(recall_adv.keep[a]) and completion:
+                    rows.append(
+                        TrainingRow(
+                            prompt_of_answer[a], completion, float(recall_adv.advantages[a]), "recall", n_local + a
+                        )
+                    )
+
+        if self.num_iterations > 1 or self.args.steps_per_generation > self.current_gradient_accumulation_steps:
+            self._set_old_logps(rows)
+
+        denominator_local = assign_loss_weights(rows, self.args.loss_aggregation)
+        denominator = float(self._gather_floats(torch.tensor([denominator_local])).sum())
+        assign_loss_weights(rows, self.args.loss_aggregation, total=denominator)
+
+        self._log_rollout_metrics(
+            metrics, trajectories, rewards_per_func, total_rewards, rollout_adv, probe_rewards, probes, rows,
+            recall_filtered,
+        )  # fmt: skip
+        self._last_trajectories = trajectories
+        self._maybe_save_trajectories(trajectories, total_rewards[local].tolist(), recall_rewards)
+        return rows
+
+    def _log_rollout_metrics(
+        self, metrics, trajectories, rewards_per_func, total_rewards, rollout_adv, probe_rewards, probes, rows,
+        recall_filtered,
+    ) -> None:  # fmt: skip
+        for j, func in enumerate(self.reward_funcs):
+            column = rewards_per_func[:, j]
+            valid = column[~torch.isnan(column)]
+            metrics[f"rewards/{func.__name__}/mean"].append(float(valid.mean()) if len(valid) else math.nan)
+        metrics["reward"].append(float(total_rewards.mean()))
+        first = rewards_per_func[:, 0]
+        metrics["final_accuracy"].append(
+            float(first[~torch.isnan(first)].mean()) if (~torch.isnan(first)).any() else 0.0
+        )
+        metrics["recall_accuracy"].append(sum(probe_rewards) / len(probe_rewards) if probe_rewards else math.nan)
+        metrics["recall_probes_without_entity"].append(float(sum(p is None for p in probes)))
+        updates = [c for t in trajectories for c in t.calls if c.kind == "update"]
+        if updates:
+            lengths = [len(c.completion_ids) for c in updates]
+            metrics["memory_tokens/mean"].append(sum(lengths) / len(lengths))
+            metrics["memory_tokens/max"].append(float(max(lengths)))
+            metrics["memory_truncated_ratio"].append(sum(not c.finished for c in updates) / len(updates))
+        metrics["chunks/mean"].append(sum(len(t.chunks) for t in trajectories) / max(len(trajectories), 1))
+        metrics["rows_trained"].append(float(len(rows)))
+        metrics["tokens_trained"].append(float(sum(len(r.completion_ids) for r in rows)))
+        metrics["groups_filtered"].append(float(rollout_adv.num_filtered_groups))
+        metrics["recall_groups_filtered"].append(float(recall_filtered))
+
+    def _maybe_save_trajectories(self, trajectories, rewards, recall_rewards) -> None:
+        every = self.args.trajectory_html_steps
+        if (
+            not every
+            or not self.model.training
+            or self.state.global_step % every
+            or not self.accelerator.is_main_process
+        ):
+            return
+        from memtrain.viz import save_trajectory_html
+
+        shown = trajectories[: self.args.trajectory_html_max]
+        for trajectory, reward, recall in zip(shown, rewards, recall_rewards):
+            trajectory.metadata.update({"reward": reward, "recall_reward": recall})
+        path = Path(self.args.output_dir) / "trajectories" / f"step-{self.state.global_step:06d}.html"
+        save_trajectory_html(shown, path)
+
+    # ------------------------------------------------------------------ loss
+    def _row_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs (at the sampling temperature, as TRL) and entropies of each row's completion.
+
+        Only the last ``C + 1`` positions get logits (``logits_to_keep``); positions come from the attention mask so
+        a left-padded prompt is scored at the positions it was generated at. A plain log-softmax is used instead of
+        TRL's chunked fused head, which is several times slower on CPU; the micro-batch token budget bounds memory.
+        """
+        completion_ids = batch["completion_ids"]
+        input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        keep = completion_ids.size(1)
+        with self.accelerator.autocast():
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep + 1
+            ).logits
+        log_probs = torch.log_softmax(logits[:, :-1, :].float() / self.temperature, dim=-1)
+        logps = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+        with torch.no_grad():
+            entropies = -(log_probs.exp() * log_probs).sum(-1)
+        return logps, entropies
+
+    def compute_row_logps(self, rows: list[TrainingRow]) -> list[list[float]]:
+        """Log-probs of each row's completion tokens given exactly its own prompt (for checks and old log-probs)."""
+        out: list[list[float]] = []
+        with torch.no_grad():
+            for micro in pack_micro_batches(rows, self.args.max_tokens_per_microbatch):
+                batch = collate_rows(micro, self.processing_class.pad_token_id, self.accelerator.device)
+                logps, _ = self._row_logps(self.model, batch)
+                for k, row in enumerate(micro):
+                    out.append((id(row), logps[k, : len(row.completion_ids)].float().cpu().tolist()))
+        by_id = dict(out)
+        return [by_id[id(row)] for row in rows]
+
+    def _set_old_logps(self, rows: list[TrainingRow]) -> None:
+        for row, logps in zip(rows, self.compute_row_logps(rows)):
+            row.old_logps = logps
+
+    def _ref_logps(self, model, batch: dict) -> torch.Tensor:
+        from trl.models.utils import use_adapter  # noqa: PLC0415 - only needed when beta > 0
+
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self._row_logps(self.ref_model, batch)[0]
+            with use_adapter(model, adapter_name="ref" if "ref" in getattr(model, "peft_config", {}) else None):
+                return self._row_logps(model, batch)[0]
+
+    def _micro_batch_loss(self, model, rows: list[TrainingRow], mode: str) -> torch.Tensor:
+        batch = collate_rows(rows, self.processing_class.pad_token_id, self.accelerator.device)
+        logps, entropies = self._row_logps(model, batch)
+        old = batch.get("old_per_token_logps", logps.detach())
+        ref = self._ref_logps(model, batch) if self.beta != 0.0 else None
+        per_token_loss, kl = clipped_policy_loss(
+            logps, old, batch["advantages"], self.epsilon_low, self.epsilon_high, ref, self.beta
+        )
+        mask = batch["completion_mask"].to(per_token_loss.dtype)
+        loss = (per_token_loss * mask * batch["weights"].unsqueeze(1)).sum()
+
+        tokens = mask.sum().clamp(min=1.0)
+        metrics = self._metrics[mode]
+        if entropies is not None:
+            metrics["entropy"].append(float((entropies * mask).sum() / tokens))
+        if kl is not None:
+            metrics["kl"].append(float((kl * mask).sum() / tokens))
+        ratio = torch.exp(logps.detach() - old)
+        advantages = batch["advantages"].unsqueeze(1)
+        clipped = ((ratio < 1 - self.epsilon_low) & (advantages < 0)) | (
+            (ratio > 1 + self.epsilon_high) & (advantages > 0)
+        )
+        metrics["clip_ratio/region_mean"].append(float((clipped.float() * mask).sum() / tokens))
+        return loss
+
+    def _dummy_rows(self) -> list[TrainingRow]:
+        pad = self.processing_class.pad_token_id
+        return [TrainingRow([pad], [pad], 0.0, "dummy", -1, weight=0.0)]
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        start = time.perf_counter()
+        model.train()
+        rows = self._prepare_inputs(inputs)
+        loss = self._backward_rows(model, rows, "train")
+        self._step += 1
+        self._current_train_step_time += time.perf_counter() - start
+        if self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["step_time"].append(self._current_train_step_time)
+            self._current_train_step_time = 0.0
+        return loss
+
+    def _backward_rows(self, model, rows: list[TrainingRow], mode: str) -> torch.Tensor:
+        micro_batches = pack_micro_batches(rows, self.args.max_tokens_per_microbatch)
+        counts = self._gather_floats(torch.tensor([float(len(micro_batches))]))
+        n_micro = int(counts.max())
+        total = torch.zeros((), device=self.accelerator.device)
+        if n_micro == 0:
+            # Every group of the step was filtered on every process: nothing to learn, skip the update.
+            self._skip_next_optimizer_step = True
+            self._metrics[mode]["skipped_steps"].append(1.0)
+            return total
+        self._metrics[mode]["skipped_steps"].append(0.0)
+        # Weights are global token means; DDP/FSDP average gradients over processes, so undo that average, and
+        # spread a generation batch over the optimizer steps that consume it.
+        scale = (
+            self.accelerator.num_processes * self.args.steps_per_generation / self.current_gradient_accumulation_steps
+        )
+        for k in range(n_micro):
+            # Processes with fewer micro-batches run zero-weight ones so collective ops stay in lockstep.
+            micro, factor = (micro_batches[k], 1.0) if k < len(micro_batches) else (self._dummy_rows(), 0.0)
+            sync = k == n_micro - 1 or self.accelerator.num_processes == 1
+            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+            with context, self.compute_loss_context_manager():
+                loss = self._micro_batch_loss(model, micro, mode) * (scale * factor)
+                self.accelerator.backward(loss)
+            total = total + loss.detach()
+        return total
+
+    def _prepare_inputs(self, generation_batch: list[dict]) -> list[TrainingRow]:
+        if not self.model.training:
+            return self._rollout_and_score(generation_batch)
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            rows = self._rollout_and_score(generation_batch)
+            random.Random(self.args.seed + self._step).shuffle(rows)
+            shards = self.args.steps_per_generation
+            self._buffered_inputs = [rows[s::shards] for s in range(shards)]
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        rows = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = sum(
+                (
+                    self._micro_batch_loss(model, micro, "eval")
+                    for micro in pack_micro_batches(rows, self.args.max_tokens_per_microbatch)
+                ),
+                torch.zeros((), device=self.accelerator.device),
+            )
+        return loss.detach(), None, None
