@@ -1,0 +1,75 @@
+"""Recall probes: the memory has always read the chunk it is asked about, and the entity is masked."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from memtrain.agent.prompts import TARGET_TOKEN
+from memtrain.agent.recall import build_recall_probes, choose_probe_positions
+from memtrain.agent.trajectory import Trajectory
+
+
+def test_any_policy_only_pairs_a_memory_with_chunks_it_has_read():
+    pairs = choose_probe_positions(4, "any", random.Random(0))
+    assert len(pairs) == 4 + 3 + 2 + 1
+    assert all(1 <= chunk <= k <= 4 for k, chunk in pairs)
+    assert (1, 1) in pairs  # the first chunk is eligible (the reference code never picks it)
+
+
+def test_latest_policy_asks_about_the_chunk_just_read():
+    pairs = choose_probe_positions(3, "latest", random.Random(0))
+    assert sorted(pairs) == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_no_chunk_read_no_probe():
+    assert choose_probe_positions(0, "any", random.Random(0)) == []
+    with pytest.raises(ValueError, match="policy"):
+        choose_probe_positions(2, "oldest", random.Random(0))
+
+
+def _trajectory(chunks: list[str]) -> Trajectory:
+    memories = ["No previous memory"] + [f"memory after chunk {i}" for i in range(1, len(chunks) + 1)]
+    return Trajectory(doc_id="d", group=0, problem="p", chunks=chunks, memories=memories)
+
+
+def _finder(texts: list[str]) -> list[list[str]]:
+    known = ["Lothair II", "Tuscany", "Elmham"]
+    return [[entity for entity in known if entity in text] for text in texts]
+
+
+def _masker(text: str, entity: str) -> str:
+    return text.replace(entity, TARGET_TOKEN)
+
+
+def test_probe_masks_an_entity_of_a_read_chunk_and_uses_that_memory():
+    chunks = ["Teutberga married Lothair II.", "No names here at all.", "Lambert was margrave of Tuscany."]
+    probes = build_recall_probes([_trajectory(chunks)] * 5, _finder, _masker, "any", seed=3)
+    for probe in probes:
+        assert probe is not None
+        assert probe.chunk_index <= probe.memory_step
+        assert probe.memory == f"memory after chunk {probe.memory_step}"
+        assert TARGET_TOKEN in probe.masked_chunk and probe.entity not in probe.masked_chunk
+        assert probe.chunk_index in {1, 3}  # chunk 2 has no entity
+
+
+def test_probes_are_deterministic_for_a_seed_and_none_without_entities():
+    chunks = ["Teutberga married Lothair II.", "Lambert was margrave of Tuscany.", "Theodred of Elmham."]
+    first = build_recall_probes([_trajectory(chunks)] * 4, _finder, _masker, "any", seed=11)
+    again = build_recall_probes([_trajectory(chunks)] * 4, _finder, _masker, "any", seed=11)
+    assert first == again
+    empty = build_recall_probes([_trajectory(["nothing", "to see"])], _finder, _masker, "any", seed=0)
+    assert empty == [None]
+
+
+def test_ner_runs_once_per_distinct_chunk():
+    seen: list[str] = []
+
+    def counting_finder(texts: list[str]) -> list[list[str]]:
+        seen.extend(texts)
+        return _finder(texts)
+
+    chunks = ["Teutberga married Lothair II.", "Lambert was margrave of Tuscany."]
+    build_recall_probes([_trajectory(chunks)] * 8, counting_finder, _masker, "any", seed=0)
+    assert sorted(seen) == sorted(set(seen))
