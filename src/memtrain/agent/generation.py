@@ -172,9 +172,11 @@ class TransformersGenerator:
         batches = [rows[start : start + size] for start in range(0, len(rows), size)]
 
         was_training = self.model.training
-        model_config = self.model.generation_config
-        # Only our explicit settings count: the model's defaults would otherwise fill every unset field.
-        self.model.generation_config = GenerationConfig(
+        # Only our explicit settings count: the model's defaults would otherwise fill every unset field. A PEFT
+        # wrapper delegates generate() to its base model, whose generation_config is the one consulted.
+        owner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        model_config = owner.generation_config
+        owner.generation_config = GenerationConfig(
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, bos_token_id=model_config.bos_token_id
         )
         self.model.eval()
@@ -187,7 +189,7 @@ class TransformersGenerator:
                     output.finished.extend(finished)
                     output.logprobs.extend(logprobs)
         finally:
-            self.model.generation_config = model_config
+            owner.generation_config = model_config
             self.model.train(was_training)
         return output
 
