@@ -23,7 +23,9 @@ _deps = {
     "sentence-transformers": "sentence-transformers>=3.0",
     "bitsandbytes": "bitsandbytes>=0.45",
     "vllm": "vllm>=0.10",
-    "openai": "openai>=1.40",
+    "openai": "openai>=1.98",
+    "fastapi": "fastapi>=0.110",
+    "uvicorn": "uvicorn>=0.29",
     "ruff": "ruff>=0.6",
     "pytest": "pytest>=8.0",
 }
@@ -45,11 +47,11 @@ extras = {
     "quant": deps("bitsandbytes"),
     # vLLM rollouts (colocate or `trl vllm-serve`)
     "vllm": deps("vllm"),
-    # evaluating a model served behind an OpenAI-compatible endpoint
-    "serve": deps("openai"),
+    # `transformers serve` (an OpenAI-compatible server; the backend's own client needs only the standard library)
+    "serve": deps("openai", "fastapi", "uvicorn"),
     "quality": deps("ruff"),
 }
-extras["tests"] = deps("pytest") + extras["data"]
+extras["tests"] = deps("pytest") + extras["data"] + extras["serve"]
 extras["dev"] = extras["tests"] + extras["quality"]
 
 setup(
