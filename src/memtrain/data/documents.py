@@ -140,12 +140,19 @@ class BuildResult:
 
 
 def load_tokenizer(name_or_path: str) -> Any:
-    """A tokenizer from a Hub id, a folder, or a GGUF file (transformers reads its vocabulary with ``gguf_file``)."""
+    """A tokenizer from a Hub id, a folder, a GGUF file, or a packaged model name (``smollm2-135m``: its GGUF)."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
-    path = Path(name_or_path).expanduser()
+    from memtrain.models import PACKAGED_MODELS
+
+    packaged = {alias: m for m in PACKAGED_MODELS.values() for alias in m.aliases}
+    packaged.update(PACKAGED_MODELS)
+    if name_or_path.lower() in packaged:
+        path = packaged[name_or_path.lower()].gguf_path()
+    else:
+        path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer_name_or_path {path} does not exist.")
@@ -154,7 +161,7 @@ def load_tokenizer(name_or_path: str) -> Any:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
         raise OSError(f"Could not load the tokenizer {name_or_path!r}: {err}. Give a local folder, a .gguf file, "
-                      "or a Hub id available offline in the cache.") from err  # fmt: skip
+                      "a packaged name (smollm2-135m) or a Hub id available offline in the cache.") from err  # fmt: skip
 
 
 class TokenCounter:

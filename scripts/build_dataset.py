@@ -1,0 +1,11 @@
+"""Build MemTrain documents from unlabeled paragraphs: `python scripts/build_dataset.py recipes/data/<recipe>.yaml`.
+
+The recipe (positional or `--config`) sets every knob; `--key value` overrides it, e.g. `--num_documents 20
+--output_dir outputs/data/try --push_to_hub true --hub_dataset_id you/memtrain-wiki`. See memtrain.data.build.
+"""
+
+from memtrain.data.build import main
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""``scripts/build_dataset.py``: recipe -> corpus -> MemTrain documents -> disk (+ Hub), all or nothing.
+
+``python scripts/build_dataset.py recipes/data/memtrain-wiki-cpu.yaml [--key value ...]``. The output folder holds
+``dataset/`` (``save_to_disk``), ``data/train-00000-of-00001.parquet``, the dataset card ``README.md`` and
+``build_stats.json``. It is written to a temporary sibling and renamed into place only when complete, so a failed or
+interrupted build never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memtrain.data.corpus import BUILTIN_PREFIX, FORMATS, load_corpus
+from memtrain.data.documents import BuildResult, DocumentBuilderConfig, build_documents
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BuildDatasetArguments", "main", "memtrain_features", "run_build", "write_dataset"]
+
+SAMPLE_ATTRIBUTION = (
+    "The built-in sample is the 6,119-passage Wikipedia corpus of 2WikiMultihopQA (Apache-2.0) as distributed by "
+    "HippoRAG (MIT); the text is by Wikipedia contributors under CC BY-SA 4.0."
+)
+
+
+@dataclass
+class BuildDatasetArguments:
+    """Where the paragraphs come from and where the dataset goes (the builder's own settings are separate)."""
+
+    corpus: str = field(
+        default=f"{BUILTIN_PREFIX}wiki-sample",
+        metadata={"help": "A file, a folder, a Hub dataset id (wikimedia/wikipedia) or builtin:wiki-sample."},
+    )
+    corpus_format: str | None = field(default=None, metadata={"help": f"One of {', '.join(FORMATS)}; auto if unset."})
+    corpus_config: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. 20231101.en."})
+    corpus_split: str = field(default="train", metadata={"help": "Hub dataset split."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the Hub dataset instead of downloading it."})
+    text_column: str | None = field(default=None, metadata={"help": "Column with the text (auto if unset)."})
+    title_column: str | None = field(default=None, metadata={"help": "Column with the title (auto if unset)."})
+    id_column: str | None = field(default=None, metadata={"help": "Column with the id (auto if unset)."})
+    min_words: int = field(default=10, metadata={"help": "Drop paragraphs with fewer words."})
+    max_words: int = field(default=400, metadata={"help": "Split paragraphs with more words at sentence ends."})
+    corpus_limit: int | None = field(default=None, metadata={"help": "Stop after this many paragraphs."})
+    output_dir: str = field(default="outputs/data/memtrain-wiki", metadata={"help": "Output folder."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the parquet data and card to the Hub."})
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset repo, e.g. you/memtrain-wiki."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    pretty_name: str = field(default="MemTrain Wikipedia documents", metadata={"help": "Dataset card title."})
+    license: str = field(default="cc-by-sa-4.0", metadata={"help": "Licence id of the source text (card metadata)."})
+    attribution: str | None = field(
+        default=None, metadata={"help": "Source attribution for the card (the built-in sample's is filled in)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.push_to_hub and not self.hub_dataset_id:
+            raise ValueError("push_to_hub needs hub_dataset_id (e.g. --hub_dataset_id you/memtrain-wiki).")
+        if self.corpus_format is not None and self.corpus_format not in FORMATS:
+            raise ValueError(f"corpus_format must be one of {', '.join(FORMATS)}, got {self.corpus_format!r}.")
+
+
+def memtrain_features() -> Any:
+    """Explicit column types, so ``num_tokens`` stays int64 even when no tokenizer filled it."""
+    from datasets import Features, List, Value
+
+    return Features(
+        {
+            "id": Value("string"),
+            "prompt": Value("string"),
+            "context": Value("string"),
+            "answers": List(Value("string")),
+            "entity_label": Value("string"),
+            "pivot_id": Value("string"),
+            "pivot_title": Value("string"),
+            "pivot_position": Value("int64"),
+            "paragraph_ids": List(Value("string")),
+            "neighbour_ids": List(Value("string")),
+            "num_paragraphs": Value("int64"),
+            "num_masked": Value("int64"),
+            "num_tokens": Value("int64"),
+            "num_words": Value("int64"),
+            "builder_config": Value("string"),
+        }
+    )
+
+
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"Output folder {output_dir} already exists and is not empty. Pass --overwrite_output_dir true to "
+            "replace it, or choose another --output_dir."
+        )
+
+
+def write_dataset(
+    result: BuildResult, output_dir: str | Path, *, card: Any, extra_stats: dict[str, Any], overwrite: bool = False
+) -> Path:
+    """Write ``dataset/``, ``data/*.parquet``, ``README.md`` and ``build_stats.json`` atomically into output_dir."""
+    from datasets import Dataset
+
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.incomplete-", dir=output_dir.parent))
+    try:
+        dataset = Dataset.from_list(result.rows, features=memtrain_features())
+        dataset.save_to_disk(str(staging / "dataset"))
+        (staging / "data").mkdir()
+        dataset.to_parquet(str(staging / "data" / "train-00000-of-00001.parquet"))
+        (staging / "README.md").write_text(str(card), encoding="utf-8")
+        stats = {"build": result.stats.to_dict(), **extra_stats}
+        (staging / "build_stats.json").write_text(json.dumps(stats, indent=2, default=str), encoding="utf-8")
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            output_dir.rename(old)
+            staging.rename(output_dir)
+            shutil.rmtree(old)
+        else:
+            staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def run_build(args: BuildDatasetArguments, config: DocumentBuilderConfig, recipe: str | None = None) -> Path:
+    """Load the corpus, build the documents, write them (and push them); returns the output folder."""
+    output_dir = Path(args.output_dir)
+    _check_output_dir(output_dir, args.overwrite_output_dir)  # fail before the expensive part
+    corpus = load_corpus(
+        args.corpus,
+        format=args.corpus_format,
+        split=args.corpus_split,
+        config=args.corpus_config,
+        streaming=args.streaming,
+        text_column=args.text_column,
+        title_column=args.title_column,
+        id_column=args.id_column,
+        min_words=args.min_words,
+        max_words=args.max_words,
+        limit=args.corpus_limit,
+        show_progress=config.show_progress,
+    )
+    result = build_documents(corpus.paragraphs, config)
+    logger.info("built %d documents: %s", result.stats.built, json.dumps(result.stats.to_dict()))
+
+    from memtrain.data.card import render_dataset_card
+
+    attribution = args.attribution
+    if attribution is None:
+        builtin = args.corpus.startswith(BUILTIN_PREFIX)
+        attribution = SAMPLE_ATTRIBUTION if builtin else "Text from Wikipedia, by Wikipedia contributors."
+    card = render_dataset_card(
+        pretty_name=args.pretty_name,
+        config=config.to_dict(),
+        build_stats=result.stats.to_dict(),
+        corpus_stats=corpus.stats.to_dict(),
+        source=args.corpus,
+        license=args.license,
+        attribution=attribution,
+        source_config=args.corpus_config,
+        source_split=args.corpus_split if not Path(args.corpus).exists() else None,
+        min_words=args.min_words,
+        recipe=recipe,
+    )
+    extra = {"corpus": corpus.stats.to_dict(), "arguments": asdict(args), "builder_config": config.to_dict()}
+    write_dataset(result, output_dir, card=card, extra_stats=extra, overwrite=args.overwrite_output_dir)
+    logger.info("wrote %s", output_dir)
+    if args.push_to_hub:
+        from memtrain.hub import push_folder_to_hub
+
+        url = push_folder_to_hub(
+            output_dir,
+            args.hub_dataset_id,
+            card=card,
+            private=args.hub_private,
+            repo_type="dataset",
+            ignore_patterns=("dataset/*",),
+            commit_message=f"MemTrain documents: {result.stats.built} rows",
+        )
+        logger.info("pushed to %s", url)
+    return output_dir
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Parse ``recipe.yaml [--key value ...]`` into the two dataclasses and run the build."""
+    import sys
+
+    from memtrain.configs import parse_recipe_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = None
+    if argv and not argv[0].startswith("-"):
+        recipe = argv[0]
+    elif "--config" in argv:
+        recipe = argv[argv.index("--config") + 1]
+    args, config = parse_recipe_args(argv, (BuildDatasetArguments, DocumentBuilderConfig))
+    return run_build(args, config, recipe=recipe)
