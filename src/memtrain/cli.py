@@ -1,0 +1,146 @@
+"""The ``memtrain`` command line: one entry point whose subcommands register themselves in ``SUBCOMMANDS``.
+
+A new subcommand is a function that adds its subparser and sets ``handler`` (a function of the parsed args that
+returns an exit code); decorate it with :func:`register_subcommand` and ``memtrain <name>`` exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+SubparserAdder = Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
+SUBCOMMANDS: dict[str, SubparserAdder] = {}
+
+
+class CliError(Exception):
+    """A user error: printed as ``memtrain <command>: error: ...`` with exit code 2, without a traceback."""
+
+
+def register_subcommand(name: str) -> Callable[[SubparserAdder], SubparserAdder]:
+    def decorator(add: SubparserAdder) -> SubparserAdder:
+        if name in SUBCOMMANDS and SUBCOMMANDS[name] is not add:
+            raise ValueError(f"A memtrain subcommand named {name!r} is already registered.")
+        SUBCOMMANDS[name] = add
+        return add
+
+    return decorator
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+@register_subcommand("read")
+def add_read(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "read",
+        help="Read a long text chunk by chunk into a bounded memory, then answer a question from the memory.",
+        description="Run the memory agent once: print the answer; optionally save the trajectory (JSON, HTML).",
+    )
+    parser.add_argument("--model", required=True, help="Packaged name (smollm2-135m), local folder, .gguf or Hub id.")
+    parser.add_argument("--context-file", required=True, help="UTF-8 text file to read ('-' reads stdin).")
+    parser.add_argument("--question", required=True, help="The question (the agent's problem).")
+    parser.add_argument("--chunk-size", type=_positive_int, default=5000, help="Tokens per chunk (default 5000).")
+    parser.add_argument("--max-chunks", type=_positive_int, default=8, help="Chunks read at most (default 8).")
+    parser.add_argument("--max-memory-tokens", type=_positive_int, default=1024, help="Memory budget (default 1024).")
+    parser.add_argument("--max-answer-tokens", type=_positive_int, default=1024, help="Answer budget (default 1024).")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples (see --seed)."
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling (default 1).")
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed: the same seed gives the same run.")
+    parser.add_argument("--trace-json", type=Path, help="Save the trajectory (every model call) as JSON here.")
+    parser.add_argument("--trace-html", type=Path, help="Save the trajectory viewer (HTML) here.")
+    parser.set_defaults(handler=run_read)
+    return parser
+
+
+def _read_context(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"--context-file {path}: no such file; pass a UTF-8 text file (or '-' for stdin).")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CliError(f"--context-file {path}: not UTF-8 text ({error}); convert it to UTF-8 first.") from None
+
+
+def run_read(args: argparse.Namespace) -> int:
+    # Check the user's input before the heavy imports and the model load, so a typo fails in milliseconds.
+    if args.temperature < 0:
+        raise CliError(f"--temperature must be >= 0, got {args.temperature}.")
+    if not 0 < args.top_p <= 1:
+        raise CliError(f"--top-p must be in (0, 1], got {args.top_p}.")
+    context = _read_context(args.context_file)
+
+    from memtrain.agent.generation import SamplingConfig, TransformersGenerator
+    from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
+    from memtrain.agent.trajectory import save_trajectories
+    from memtrain.models import load_model_and_tokenizer
+    from memtrain.viz import save_trajectory_html
+
+    config = AgentConfig(
+        chunk_size=args.chunk_size,
+        max_chunks=args.max_chunks,
+        max_memory_tokens=args.max_memory_tokens,
+        max_answer_tokens=args.max_answer_tokens,
+    )
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_p=args.top_p, do_sample=args.temperature > 0, seed=args.seed
+    )
+    start = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    loaded = time.perf_counter()
+    agent = MemoryAgent(tokenizer, TransformersGenerator(model, tokenizer, sampling), config)
+    trajectory = agent.rollout([context], [args.question], doc_ids=[str(args.context_file)])[0]
+    done = time.perf_counter()
+    generated = sum(len(call.completion_ids) for call in trajectory.calls)
+    print(
+        f"[memtrain read] model loaded in {loaded - start:.1f}s; read {trajectory.num_chunks} chunks "
+        f"({trajectory.metadata['context_tokens']} tokens, {trajectory.truncated_tokens} centre-truncated) and "
+        f"answered in {done - loaded:.1f}s ({len(trajectory.calls)} model calls, {generated} tokens generated)",
+        file=sys.stderr,
+    )
+    if args.trace_json:
+        save_trajectories([trajectory], args.trace_json)
+        print(f"[memtrain read] trajectory JSON: {args.trace_json}", file=sys.stderr)
+    if args.trace_html:
+        save_trajectory_html(trajectory, args.trace_html)
+        print(f"[memtrain read] trajectory HTML: {args.trace_html}", file=sys.stderr)
+    print(trajectory.answer)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memtrain", description="MemTrain: train and run memory agents.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS.values():
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (CliError, ValueError, FileNotFoundError) as error:  # user errors: no traceback
+        print(f"memtrain {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

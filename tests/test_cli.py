@@ -1,0 +1,106 @@
+"""The memtrain CLI: the subcommand registry and `memtrain read` end to end on a tiny local model."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from conftest import build_tiny_model
+
+from memtrain import cli
+from memtrain.agent.trajectory import load_trajectories
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved with the real SmolLM2 tokenizer: a local model folder like any other."""
+    path = tmp_path / "tiny-model"
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def context_file(tmp_path):
+    path = tmp_path / "context.txt"
+    path.write_text(" ".join(f"Paragraph {i}: the Rhone flows through Lyon." for i in range(30)), encoding="utf-8")
+    return path
+
+
+def read_args(model_dir, context_file, *extra: str) -> list[str]:
+    return [
+        "read", "--model", str(model_dir), "--context-file", str(context_file), "--question", "Which river?",
+        "--chunk-size", "64", "--max-chunks", "3", "--max-memory-tokens", "4", "--max-answer-tokens", "5", *extra,
+    ]  # fmt: skip
+
+
+def test_read_is_registered_and_help_lists_it(capsys):
+    assert "read" in cli.SUBCOMMANDS
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "read" in capsys.readouterr().out
+
+
+def test_new_subcommands_plug_into_the_registry(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "SUBCOMMANDS", dict(cli.SUBCOMMANDS))
+
+    @cli.register_subcommand("echo")
+    def add_echo(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser("echo")
+        parser.add_argument("word")
+        parser.set_defaults(handler=lambda args: print(args.word) or 3)
+        return parser
+
+    assert cli.main(["echo", "hello"]) == 3
+    assert capsys.readouterr().out == "hello\n"
+    with pytest.raises(ValueError, match="already registered"):
+        cli.register_subcommand("echo")(lambda subparsers: None)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["read", "--context-file", "x.txt", "--question", "q"], "--model"),
+        (["read", "--model", "m", "--context-file", "x.txt", "--question", "q", "--chunk-size", "0"], "positive"),
+        (["read", "--model", "m", "--context-file", "x.txt", "--question", "q", "--max-chunks", "two"], "positive"),
+        ([], "COMMAND"),
+    ],
+)
+def test_bad_arguments_exit_with_usage(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_context_file_is_a_clear_error_before_loading_any_model(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    code = cli.main(["read", "--model", "/does/not/exist", "--context-file", str(missing), "--question", "q"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "memtrain read: error: --context-file" in err and str(missing) in err
+
+
+def test_read_answers_and_saves_its_trace(model_dir, context_file, tmp_path, capsys):
+    trace_json, trace_html = tmp_path / "out" / "trace.json", tmp_path / "out" / "trace.html"
+    argv = read_args(model_dir, context_file, "--trace-json", str(trace_json), "--trace-html", str(trace_html))
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    (trajectory,) = load_trajectories(trace_json)
+    assert captured.out == trajectory.answer + "\n"
+    assert trajectory.num_chunks == 3 and trajectory.truncated_tokens > 0
+    assert [call.kind for call in trajectory.calls] == ["update"] * 3 + ["final"]
+    assert all(len(call.completion_ids) <= 4 for call in trajectory.calls[:3])
+    assert "read 3 chunks" in captured.err
+    assert "<!DOCTYPE html>" in trace_html.read_text(encoding="utf-8")
+
+
+def test_seeded_sampling_is_reproducible(model_dir, context_file, capsys):
+    argv = read_args(model_dir, context_file, "--temperature", "1.0", "--seed", "4")
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == first
+    assert cli.main(read_args(model_dir, context_file, "--temperature", "-1")) == 2
+    assert "--temperature must be >= 0" in capsys.readouterr().err
