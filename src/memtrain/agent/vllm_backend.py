@@ -43,6 +43,14 @@ def _require_vllm() -> None:
         raise ImportError(VLLM_INSTALL_HINT)
 
 
+def _engine_accepts(name: str) -> bool:
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return name in {f.name for f in dataclasses.fields(EngineArgs)}
+
+
 def vllm_sampling_kwargs(sampling: SamplingConfig, n: int = 1, prompt_index: int = 0) -> dict[str, Any]:
     """``SamplingParams`` keyword arguments for one prompt's ``n`` samples.
 
@@ -127,7 +135,8 @@ class VLLMGenerator:
 
             from memtrain.models import resolve_model_path
 
-            llm_kwargs.setdefault("logprobs_mode", "raw_logprobs")  # the Generator contract: unmodified model
+            if _engine_accepts("logprobs_mode"):  # vLLM >= 0.10.2; the Generator contract: unmodified model
+                llm_kwargs.setdefault("logprobs_mode", "raw_logprobs")
             llm = LLM(
                 model=resolve_model_path(model),
                 gpu_memory_utilization=gpu_memory_utilization,
