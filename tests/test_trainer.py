@@ -1,0 +1,149 @@
+"""MemTrainer on a tiny random model over real built MemTrain documents (CPU, fp32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+
+from memtrain.agent.generation import SamplingConfig, TransformersGenerator
+from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
+from memtrain.configs import MemTrainConfig
+from memtrain.grpo import TrainingRow
+from memtrain.rewards import REWARD_FUNCS
+from memtrain.trainer import MemTrainer, TrainerGenerator
+
+
+AGENT = AgentConfig(chunk_size=48, max_chunks=2, max_problem_tokens=64, max_memory_tokens=8, max_answer_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def documents() -> Dataset:
+    """Three real MemTrain documents (5 paragraphs each) built from the shipped Wikipedia sample."""
+    from memtrain.data.corpus import builtin_corpus_path, load_corpus
+    from memtrain.data.documents import DocumentBuilderConfig, build_documents
+
+    corpus = load_corpus(str(builtin_corpus_path("wiki-sample")), limit=300)
+    config = DocumentBuilderConfig(
+        num_documents=3, num_neighbours=2, num_random=2, neighbour_method="bm25", seed=7, show_progress=False
+    )
+    return Dataset.from_list(build_documents(corpus.paragraphs, config).rows)
+
+
+def answer_length_reward(completions, **kwargs) -> list[float]:
+    """A real reward with spread on a random model: how many characters the final answer has."""
+    return [float(len(text)) / 10 for text in completions]
+
+
+def entity_tools():
+    from memtrain.trainer import default_entity_tools
+
+    return default_entity_tools()
+
+
+def make_trainer(model, tokenizer, dataset, tmp_path: Path, funcs=None, **overrides) -> MemTrainer:
+    settings = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=2,
+        num_generations=2,
+        recall_samples=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        temperature=1.0,
+        beta=0.0,
+        scale_rewards="none",
+        logging_steps=1,
+        save_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        trajectory_html_steps=1,
+        reward_funcs=["answer_length_reward", "memory_recall"],
+        reward_weights=[1.0, 0.5],
+        lenient_recall=True,
+    )
+    settings.update(overrides)
+    args = MemTrainConfig(**settings)
+    return MemTrainer(
+        model=model,
+        args=args,
+        agent_config=AGENT,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        entity_tools=entity_tools(),
+        reward_funcs=funcs or [answer_length_reward, REWARD_FUNCS["memory_recall"]],
+    )
+
+
+def test_every_row_is_scored_on_its_own_prompt(tiny_model, tokenizer, documents, tmp_path):
+    """Training-time log-probs of each call's completion = generation-time log-probs of that same completion."""
+    generator = TransformersGenerator(tiny_model, tokenizer, SamplingConfig(temperature=1.0, seed=3))
+    agent = MemoryAgent(tokenizer, generator, AGENT)
+    trajectories = agent.rollout(documents["context"][:2], documents["prompt"][:2], n=2)
+    rows, expected = [], []
+    for i, trajectory in enumerate(trajectories):
+        assert len(trajectory.calls) == trajectory.num_chunks + 1
+        for call in trajectory.calls:
+            rows.append(TrainingRow(call.prompt_ids, call.completion_ids, 1.0, call.kind, i))
+            expected.append(call.logprobs)
+    trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path)
+    computed = trainer.compute_row_logps(rows)
+    for got, want, row in zip(computed, expected, rows):
+        assert len(got) == len(row.completion_ids)
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-4, rtol=0)
+
+
+def test_trainer_generator_makes_one_call_per_agent_step(tiny_model, tokenizer, documents, tmp_path):
+    trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path)
+    trajectories = trainer.memory_agent.rollout(documents["context"][:2], documents["prompt"][:2], n=2)
+    steps = max(len(t.calls) for t in trajectories)
+    assert isinstance(trainer.generator, TrainerGenerator)
+    assert trainer.generator.calls == steps
+    for trajectory in trajectories:
+        assert all(len(c.completion_ids) <= AGENT.max_memory_tokens for c in trajectory.calls if c.kind == "update")
+
+
+def test_two_steps_train_checkpoint_and_resume(tiny_model, tokenizer, documents, tmp_path):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path)
+    trainer.train()
+    after = tiny_model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "two optimizer steps left the weights unchanged"
+
+    logs = [entry for entry in trainer.state.log_history if "reward" in entry]
+    assert len(logs) == 2
+    for key in ("rewards/answer_length_reward/mean", "recall_accuracy", "final_accuracy", "memory_tokens/mean",
+                "rows_trained", "tokens_trained", "groups_filtered"):  # fmt: skip
+        assert key in logs[0], key
+    # 2 rollouts x (2 chunks + final) + recall answers: at least the 6 memory/final rows per document.
+    assert logs[0]["rows_trained"] >= 6
+    run = Path(trainer.args.output_dir)
+    assert (run / "checkpoint-2").is_dir()
+    assert (run / "trajectories" / "step-000001.html").is_file()
+
+    from conftest import build_tiny_model
+
+    resumed = make_trainer(build_tiny_model(tokenizer, seed=1), tokenizer, documents, tmp_path, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert resumed.state.global_step == 3
+    steps = [entry["step"] for entry in resumed.state.log_history if "reward" in entry]
+    assert steps == [1, 2, 3]
+
+
+def test_a_step_whose_groups_are_all_filtered_leaves_the_weights_alone(tiny_model, tokenizer, documents, tmp_path):
+    def constant_reward(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    trainer = make_trainer(
+        tiny_model, tokenizer, documents, tmp_path, max_steps=1, weight_decay=0.1, train_recall_answers=False,
+        reward_funcs=["constant_reward"], reward_weights=[1.0], filter_zero_variance_groups=True,
+        funcs=[constant_reward],
+    )  # fmt: skip
+    trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+    log = next(entry for entry in trainer.state.log_history if "reward" in entry)
+    assert log["groups_filtered"] == 1 and log["rows_trained"] == 0 and log["skipped_steps"] == 1
