@@ -2,6 +2,7 @@
 
 from setuptools import find_packages, setup
 
+
 # Tested upper pins on the fast-moving training stack; lower bounds are the releases whose APIs we use.
 _deps = {
     "torch": "torch>=2.4",
