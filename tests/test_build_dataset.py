@@ -1,0 +1,105 @@
+"""scripts/build_dataset.py end to end: recipe + overrides -> save_to_disk + parquet + card; atomic; Hub push."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import DatasetCard
+
+from memtrain.data.build import BuildDatasetArguments
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_RECIPE = ROOT / "recipes" / "data" / "memtrain-wiki-cpu.yaml"
+FIXTURE = ROOT / "tests" / "fixtures" / "corpora" / "2wikimultihopqa_corpus_300.json"
+
+
+def _script_main():
+    spec = importlib.util.spec_from_file_location("build_dataset_script", ROOT / "scripts" / "build_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _argv(output_dir: Path, tokenizer_dir: Path, *extra: str) -> list[str]:
+    return [
+        str(CPU_RECIPE),
+        "--corpus", str(FIXTURE),
+        "--num_documents", "6",
+        "--output_dir", str(output_dir),
+        "--tokenizer_name_or_path", str(tokenizer_dir),
+        "--show_progress", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_recipe_builds_disk_parquet_card_and_stats(tmp_path, smollm2_tokenizer_dir):
+    import datasets
+
+    out = _script_main()(_argv(tmp_path / "out", smollm2_tokenizer_dir))
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "build_stats.json", "data", "dataset"]
+    saved = datasets.load_from_disk(str(out / "dataset"))
+    parquet = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
+    assert saved.to_list() == parquet.to_list() and len(saved) == 6
+    for row in saved:
+        assert row["answers"][0].lower() not in row["context"].lower()
+        assert 400 <= row["num_tokens"] <= 2000 and row["num_paragraphs"] == 10  # the recipe's sizes
+    stats = json.loads((out / "build_stats.json").read_text())
+    assert stats["build"]["built"] == 6 and stats["corpus"]["rows"] == 300
+    card = DatasetCard.load(out / "README.md")
+    assert card.data.license == "cc-by-sa-4.0" and card.data.configs[0]["data_files"][0]["split"] == "train"
+    label, count = next(iter(stats["build"]["label_histogram"].items()))
+    assert f"| {label} | {count} |" in card.text
+    assert "6 built of 6 requested" in card.text and "`num_neighbours` | 4" in card.text
+    assert not list(tmp_path.glob(".out.*"))  # no staging folder left
+
+
+def test_existing_output_and_failed_builds_leave_nothing_half_written(tmp_path, smollm2_tokenizer_dir):
+    main = _script_main()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        main(_argv(existing, smollm2_tokenizer_dir))
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    with pytest.raises(ValueError, match="one document needs 401"):
+        main(_argv(tmp_path / "failed", smollm2_tokenizer_dir, "--num_random", "396"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_unknown_keys_and_missing_hub_id_are_refused(tmp_path, smollm2_tokenizer_dir):
+    from memtrain.configs import RecipeError
+
+    with pytest.raises(RecipeError, match="num_neighbors"):
+        _script_main()(_argv(tmp_path / "x", smollm2_tokenizer_dir, "--num_neighbors", "3"))
+    with pytest.raises(ValueError, match="push_to_hub needs hub_dataset_id"):
+        BuildDatasetArguments(push_to_hub=True)
+
+
+def test_push_to_hub_uploads_parquet_and_card_in_one_commit(tmp_path, smollm2_tokenizer_dir, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import CommitInfo, RepoUrl
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):  # the Hub's servers are the only thing replaced
+        calls["create_repo"] = (repo_id, kwargs)
+        return RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["create_commit"] = (repo_id, [op.path_in_repo for op in operations], kwargs)
+        url = f"https://huggingface.co/datasets/{repo_id}"
+        return CommitInfo(commit_url=f"{url}/commit/1", commit_message="m", commit_description="", oid="1" * 40)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    extra = ("--push_to_hub", "true", "--hub_dataset_id", "someone/memtrain-wiki", "--hub_private", "true")
+    _script_main()(_argv(tmp_path / "out", smollm2_tokenizer_dir, *extra))
+    repo_id, kwargs = calls["create_repo"]
+    assert repo_id == "someone/memtrain-wiki" and kwargs["repo_type"] == "dataset" and kwargs["private"] is True
+    _, paths, commit_kwargs = calls["create_commit"]
+    assert sorted(paths) == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
+    assert commit_kwargs["repo_type"] == "dataset"
