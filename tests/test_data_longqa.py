@@ -168,3 +168,72 @@ def test_closed_book_prompt_uses_no_previous_memory(tokenizer):
     text = tokenizer.decode(ids)
     assert "No previous memory" in text and "Who wrote Hamlet?" in text and "<section>" not in text
     assert text.rstrip().endswith("assistant")  # ends on the assistant header, ready to generate
+
+
+class CountingGenerator:
+    """Wraps the real generator and records each call's batch size (one call per batch of closed-book prompts)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls: list[int] = []
+
+    def generate(self, prompt_ids, n=1, sampling=None):
+        self.calls.append(len(prompt_ids))
+        return self.inner.generate(prompt_ids, n=n, sampling=sampling)
+
+
+def test_filter_with_tiny_random_model(tokenizer, tiny_model, examples):
+    """Whatever the random model writes, the split is a partition and agrees with the decision function."""
+    from memtrain.agent.generation import SamplingConfig, TransformersGenerator
+    from memtrain.data.longqa import filter_examples_no_context, filter_no_context
+
+    generator = CountingGenerator(TransformersGenerator(tiny_model, tokenizer))
+    rows = build_bucket(examples[:5], 20, seed=0)
+    kept, dropped = filter_no_context(rows, tokenizer, generator, SamplingConfig(max_new_tokens=6), batch_size=2)
+    assert generator.calls == [2, 2, 1]
+    assert sorted(r["id"] for r in kept + dropped) == sorted(r["id"] for r in rows)
+    for row in dropped:
+        assert answered_without_context(row["closed_book_completion"], row["answers"])
+    kept_examples, dropped_rows = filter_examples_no_context(examples[:5], tokenizer, generator, batch_size=8)
+    assert len(kept_examples) + len(dropped_rows) == 5 and generator.calls[-1] == 5
+
+
+def test_filter_drops_what_the_model_answers(tokenizer, examples):
+    """A model wired to write one answer closed-book: exactly the questions with that answer are dropped."""
+    from test_agent_search_agent import build_chain_model
+
+    from memtrain.agent.generation import TransformersGenerator
+    from memtrain.data.longqa import filter_examples_no_context
+
+    answer = examples[0].answers[0]
+    model = build_chain_model(tokenizer, f"I recall it: \\boxed{{{answer}}}")
+    kept, dropped = filter_examples_no_context(examples, tokenizer, TransformersGenerator(model, tokenizer))
+    expected = [e.id for e in examples if any(a.lower() == answer.lower() for a in e.answers)]
+    assert [row["id"] for row in dropped] == expected and expected[0] == examples[0].id
+    assert dropped[0]["closed_book_completion"].startswith(f"I recall it: \\boxed{{{answer}}}")
+    assert [e.id for e in kept] == [e.id for e in examples if e.id not in expected]
+
+
+def test_build_script_from_recipe(tmp_path, monkeypatch):
+    from datasets import load_from_disk
+
+    from memtrain.data.longqa import main
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the recipe's paths are relative to the repository root, where scripts are run
+    recipe = repo / "recipes" / "data" / "longqa-hotpotqa-cpu.yaml"
+    out = main([str(recipe), "--output_dir", str(tmp_path / "out"), "--test_buckets", "20", "25"])
+    data = load_from_disk(str(out / "dataset"))
+    assert sorted(data) == ["test_n20", "test_n25", "train"]
+    assert set(data["train"]["num_docs"]) == {50} and len(data["train"]) == 12
+    assert data["test_n25"]["question_id"] == data["test_n20"]["question_id"] and len(data["test_n20"]) == 3
+    for split in ("train", "test_n20", "test_n25"):
+        assert (out / "data" / f"{split}-00000-of-00001.parquet").is_file()
+    assert "split: test_n25" in (out / "README.md").read_text()
+    stats = json.loads((out / "build_stats.json").read_text())
+    assert stats["rows"] == {"train": 12, "test_n20": 3, "test_n25": 3}
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        main([str(recipe), "--output_dir", str(out)])
+    with pytest.raises(ValueError, match="pool has only"):
+        main([str(recipe), "--output_dir", str(tmp_path / "big"), "--test_buckets", "500"])
+    assert not (tmp_path / "big").exists() and not list(tmp_path.glob(".big*"))  # nothing half-written

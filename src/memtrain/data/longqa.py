@@ -327,3 +327,192 @@ def filter_no_context(
             else:
                 kept.append(row)
     return kept, dropped
+
+
+def filter_examples_no_context(
+    examples: Sequence[QAExample],
+    tokenizer: Any,
+    generator: Any,
+    sampling: Any = None,
+    batch_size: int = 32,
+    templates: Any = None,
+) -> tuple[list[QAExample], list[dict[str, Any]]]:
+    """:func:`filter_no_context` on questions before any padding (the closed-book prompt has no context anyway)."""
+    rows = [{"id": e.id, "prompt": e.question, "answers": e.answers} for e in examples]
+    kept, dropped = filter_no_context(rows, tokenizer, generator, sampling, batch_size, templates)
+    kept_ids = {row["id"] for row in kept}
+    return [e for e in examples if e.id in kept_ids], dropped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The build entry point (scripts/build_longqa.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LongQABuildArguments:
+    """A long-text QA build: where the questions come from, the buckets, the optional closed-book filter, outputs."""
+
+    train_source: str | None = field(
+        default=None, metadata={"help": "Training questions: a HotpotQA/MuSiQue .json/.jsonl file or a Hub id."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Hub split of the training questions."})
+    test_source: str | None = field(
+        default=None, metadata={"help": "Test questions (file or Hub id); the paper uses HotpotQA validation."}
+    )
+    test_split: str = field(default="validation", metadata={"help": "Hub split of the test questions."})
+    hub_config: str | None = field(default="distractor", metadata={"help": "Hub dataset config (hotpot_qa)."})
+    train_num_docs: int = field(default=TRAIN_NUM_DOCS, metadata={"help": "Documents per training row (paper: 200)."})
+    max_train_questions: int | None = field(default=None, metadata={"help": "Keep a seeded subset of N questions."})
+    test_buckets: list[int] = field(
+        default_factory=lambda: list(DEFAULT_TEST_BUCKETS), metadata={"help": "Documents per test row, per bucket."}
+    )
+    num_test_questions: int | None = field(default=128, metadata={"help": "Questions per test bucket (paper: 128)."})
+    strict: bool = field(default=True, metadata={"help": "Fail when the pool is too small (else warn and cap)."})
+    seed: int = field(default=0, metadata={"help": "Seeds question selection, padding and shuffling."})
+    filter_model: str | None = field(
+        default=None, metadata={"help": "Drop questions this model answers closed-book (packaged name, dir, Hub id)."}
+    )
+    filter_max_new_tokens: int = field(default=64, metadata={"help": "Closed-book answer budget (greedy)."})
+    filter_batch_size: int = field(default=16, metadata={"help": "Closed-book prompts per generator call."})
+    output_dir: str = field(default="outputs/data/longqa", metadata={"help": "Output folder."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the parquet splits and card to the Hub."})
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset repo, e.g. you/ruler-hotpotqa."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+    def __post_init__(self) -> None:
+        if self.train_source is None and self.test_source is None:
+            raise ValueError("Give train_source and/or test_source (a HotpotQA file or a Hub id such as hotpot_qa).")
+        if self.push_to_hub and not self.hub_dataset_id:
+            raise ValueError("push_to_hub needs hub_dataset_id (e.g. --hub_dataset_id you/ruler-hotpotqa).")
+        bad = [n for n in self.test_buckets if not isinstance(n, int) or n < 1]
+        if bad or self.train_num_docs < 1:
+            raise ValueError(f"document counts must be positive integers, got {bad or [self.train_num_docs]}.")
+
+
+DATASET_CARD = """---
+license: cc-by-sa-4.0
+task_categories:
+- question-answering
+configs:
+- config_name: default
+  data_files:
+{data_files}
+---
+
+# Long-text QA (RULER-HotpotQA style)
+
+Each row buries a multi-hop question's gold and distractor paragraphs among random paragraphs of other questions,
+shuffled and rendered as "Document i:" blocks (MemAgent's RULER-HotpotQA recipe; built with memtrain's
+`scripts/build_longqa.py`). Columns: `prompt` (the question), `context`, `answers`, `num_docs`, `gold_titles`,
+`gold_positions` (1-based document numbers), `id`, `question_id`.
+
+Sources: {sources}. Splits and rows: {splits}. Seed {seed}. Closed-book filter: {filter}.
+
+Licences follow the sources: HotpotQA (Yang et al., 2018) is CC BY-SA 4.0, MuSiQue (Trivedi et al., 2022) CC BY
+4.0; the paragraphs are Wikipedia text (CC BY-SA). The `license` field above assumes HotpotQA.
+"""
+
+
+def run_build_longqa(args: LongQABuildArguments) -> Path:
+    """Load, optionally filter, pad and write every split; returns the output folder (written atomically).
+
+    The folder holds ``dataset/`` (``DatasetDict.save_to_disk``: ``load_from_disk`` reads it), ``data/<split>-*.parquet``
+    and the card ``README.md`` (what the Hub gets), and ``build_stats.json`` (counts, dropped question ids, arguments).
+    """
+    import shutil
+    import tempfile
+
+    from datasets import Dataset, DatasetDict
+
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"{output_dir} exists and is not empty; pass --overwrite_output_dir true or another dir."
+        )
+    sources = {}
+    if args.train_source:
+        sources["train"] = load_examples(args.train_source, args.train_split, args.hub_config)
+    if args.test_source:
+        sources["test"] = load_examples(args.test_source, args.test_split, args.hub_config)
+    stats: dict[str, Any] = {"questions": {name: len(examples) for name, examples in sources.items()}}
+    if args.filter_model:
+        from memtrain.agent.generation import SamplingConfig, TransformersGenerator
+        from memtrain.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(args.filter_model)
+        generator = TransformersGenerator(model, tokenizer)
+        sampling = SamplingConfig(max_new_tokens=args.filter_max_new_tokens, do_sample=False)
+        for name, examples in sources.items():
+            kept, dropped = filter_examples_no_context(
+                examples, tokenizer, generator, sampling, batch_size=args.filter_batch_size
+            )
+            logger.info("%s: the closed-book filter dropped %d of %d questions", name, len(dropped), len(examples))
+            stats.setdefault("closed_book_dropped", {})[name] = [row["id"] for row in dropped]
+            sources[name] = kept
+    splits: dict[str, list[dict[str, Any]]] = {}
+    if "train" in sources:
+        train = select_questions(sources["train"], args.max_train_questions, args.seed)
+        pool = ParagraphPool.from_examples(sources["train"])
+        splits["train"] = build_bucket(train, args.train_num_docs, args.seed, pool, args.strict)
+    if "test" in sources:
+        splits.update(
+            build_test_buckets(
+                sources["test"], args.test_buckets, args.num_test_questions, args.seed, None, args.strict
+            )
+        )
+    stats["rows"] = {name: len(rows) for name, rows in splits.items()}
+    stats["arguments"] = {key: getattr(args, key) for key in args.__dataclass_fields__}
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.incomplete-", dir=output_dir.parent))
+    try:
+        data_files = []
+        dataset_dict = DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
+        dataset_dict.save_to_disk(str(staging / "dataset"))
+        (staging / "data").mkdir()
+        for name, dataset in dataset_dict.items():
+            dataset.to_parquet(str(staging / "data" / f"{name}-00000-of-00001.parquet"))
+            data_files.append(f"  - split: {name}\n    path: data/{name}-00000-of-00001.parquet")
+        card = DATASET_CARD.format(
+            data_files="\n".join(data_files),
+            sources=", ".join(f"{k}: {v}" for k, v in (("train", args.train_source), ("test", args.test_source)) if v),
+            splits=", ".join(f"{name} ({len(rows)})" for name, rows in splits.items()),
+            seed=args.seed,
+            filter=args.filter_model or "none",
+        )
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        (staging / "build_stats.json").write_text(json.dumps(stats, indent=2, default=str), encoding="utf-8")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote %s: %s", output_dir, stats["rows"])
+    if args.push_to_hub:
+        from memtrain.hub import push_folder_to_hub
+
+        url = push_folder_to_hub(
+            output_dir,
+            args.hub_dataset_id,
+            private=args.hub_private,
+            repo_type="dataset",
+            ignore_patterns=("dataset/*",),
+            commit_message=f"Long-text QA: {stats['rows']}",
+        )
+        logger.info("pushed to %s", url)
+    return output_dir
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """``python scripts/build_longqa.py recipes/data/longqa-hotpotqa-cpu.yaml [--key value ...]``."""
+    import sys
+
+    from memtrain.configs import parse_recipe_args
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    (args,) = parse_recipe_args(argv, (LongQABuildArguments,))
+    return run_build_longqa(args)
