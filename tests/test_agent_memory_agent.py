@@ -193,3 +193,32 @@ def test_answer_conveniences_return_raw_text(agent, mixed):
     answers = agent.answer_batch(mixed, [PROBLEM] * 3)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     assert agent.answer(mixed[0], PROBLEM) == answers[0]  # same seed, same first document
+
+
+@pytest.mark.slow
+def test_real_smollm2_reads_three_chunks_and_answers():
+    from memtrain.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    facts = [
+        "The old lighthouse on Kerrow Point was painted red in 1921.",
+        "Its keeper, Maren Holt, kept a logbook of every passing ship.",
+        "In 1934 the lighthouse was moved to the village of Dunmore.",
+    ]
+    filler = " The coast road there is narrow and the weather changes quickly."
+    # one fact per 96-token chunk, padded with filler to fill the chunk
+    ids: list[int] = []
+    for fact in facts:
+        piece = tokenizer(" " + fact + filler * 12, add_special_tokens=False)["input_ids"]
+        ids += piece[:96]
+    context = tokenizer.decode(ids)
+    config = AgentConfig(chunk_size=96, max_chunks=3, max_memory_tokens=48, max_answer_tokens=32)
+    generator = TransformersGenerator(model, tokenizer, SamplingConfig(do_sample=False))
+    agent = MemoryAgent(tokenizer, generator, config)
+    trajectory = agent.rollout([context], ["What colour was the lighthouse painted?"])[0]
+    assert trajectory.num_chunks == 3
+    assert [call.kind for call in trajectory.calls] == ["update"] * 3 + ["final"]
+    assert all(memory.strip() for memory in trajectory.memories[1:]), "a real model writes a non-empty memory"
+    assert all(len(call.completion_ids) <= 48 for call in trajectory.calls[:3])
+    assert trajectory.answer.strip()
+    print("memories:", trajectory.memories, "answer:", trajectory.answer)
