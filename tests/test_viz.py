@@ -101,6 +101,8 @@ def test_everything_is_escaped_and_nothing_is_fetched(trajectory):
 def test_save_one_or_many(tmp_path, trajectory):
     single = save_trajectory_html(trajectory, tmp_path / "one" / "t.html")
     assert single.read_text(encoding="utf-8") == render_trajectory_html(trajectory)
+    titled = save_trajectory_html(trajectory, tmp_path / "titled.html", title="eval / memory: row 7")
+    assert "<title>eval / memory: row 7</title>" in titled.read_text(encoding="utf-8")
     other = Trajectory(doc_id="doc2", group=1, problem="q", chunks=[], memories=["No previous memory"], answer="a")
     many = save_trajectory_html([trajectory, other], tmp_path / "many.html", title="Batch 3")
     page = many.read_text(encoding="utf-8")

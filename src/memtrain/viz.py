@@ -118,13 +118,13 @@ def _page(trajectories: list[Trajectory], title: str) -> str:
     )
 
 
-def render_trajectory_html(trajectory: Trajectory) -> str:
+def render_trajectory_html(trajectory: Trajectory, title: str | None = None) -> str:
     """One trajectory as a complete HTML page."""
-    return _page([trajectory], f"Memory agent trajectory: {trajectory.doc_id}")
+    return _page([trajectory], title or f"Memory agent trajectory: {trajectory.doc_id}")
 
 
 def save_trajectory_html(
-    trajectories: Trajectory | Iterable[Trajectory], path: str | Path, title: str = "Memory agent trajectories"
+    trajectories: Trajectory | Iterable[Trajectory], path: str | Path, title: str | None = None
 ) -> Path:
     """Write one page holding one or many trajectories; returns the path written."""
     items = [trajectories] if isinstance(trajectories, Trajectory) else list(trajectories)
@@ -133,6 +133,9 @@ def save_trajectory_html(
             raise TypeError(f"save_trajectory_html: item {position} is a {type(item).__name__}, not a Trajectory.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    page = render_trajectory_html(items[0]) if len(items) == 1 else _page(items, title)
+    if len(items) == 1:
+        page = render_trajectory_html(items[0], title)
+    else:
+        page = _page(items, title or "Memory agent trajectories")
     path.write_text(page, encoding="utf-8")
     return path
