@@ -124,6 +124,20 @@ def run_read(args: argparse.Namespace) -> int:
     return 0
 
 
+@register_subcommand("eval")
+def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from memtrain.evaluation import add_eval_arguments, run_eval
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="Evaluate a model (memory agent and/or full context) on QA rows; write results.json/.md, plot, pages.",
+        description="Same arguments as scripts/evaluate.py; see memtrain.evaluation.",
+    )
+    add_eval_arguments(parser)
+    parser.set_defaults(handler=run_eval)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memtrain", description="MemTrain: train and run memory agents.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
