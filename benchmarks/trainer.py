@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=int, default=2, help="B: documents.")
     parser.add_argument("--group", type=int, default=2, help="G1: rollouts per document.")
     parser.add_argument("--chunks", type=int, default=2, help="T: chunks per document.")
-    parser.add_argument("--chunk-size", type=int, default=64, help="Tokens per chunk.")
-    parser.add_argument("--memory-tokens", type=int, default=24, help="Tokens of every memory update and answer.")
+    parser.add_argument("--chunk-size", type=int, default=48, help="Tokens per chunk.")
+    parser.add_argument("--memory-tokens", type=int, default=16, help="Tokens of every memory update and answer.")
     parser.add_argument("--max-tokens-per-microbatch", type=int, default=16384, help="MemTrainer's token budget.")
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--learning-rate", type=float, default=1e-6)
@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
             order = list(steps) if repeat % 2 == 0 else list(reversed(steps))
             for name in order:
                 seconds = timed(steps[name], args.device)
+                label = "warm-up" if repeat < args.warmup else "timed"
+                print(f"  repeat {repeat} ({label}) {name}: {seconds:.2f} s", flush=True)
                 if repeat >= args.warmup:
                     times[name].append(seconds)
 
