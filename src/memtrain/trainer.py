@@ -74,20 +74,54 @@ class TrainerGenerator:
             if generation_config is not None:
                 generation_config.max_new_tokens = saved_config
 
+    def _run(self, prompts: list[list[int]], n: int, max_new_tokens: int) -> tuple[list[list[int]], list | None]:
+        with self._max_new_tokens(max_new_tokens):
+            completion_ids, logprobs = self.trainer._generate_single_turn(prompts, None, {}, n)
+        return [list(c) for c in completion_ids], logprobs
+
+    def _exchange(self, count: int, budget: int, done: bool) -> tuple[int, int, bool]:
+        """One collective round: the widest batch, the largest budget, and whether every process is done."""
+        accelerator = self.trainer.accelerator
+        local = torch.tensor([[count, budget, int(done)]], device=accelerator.device)
+        everyone = accelerator.gather(local)
+        return int(everyone[:, 0].max()), int(everyone[:, 1].max()), bool(everyone[:, 2].min())
+
+    @property
+    def _filler_prompt(self) -> list[int]:
+        tokenizer = self.trainer.processing_class
+        return [tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id]
+
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, sampling: SamplingConfig | None = None
     ) -> GenerationOutput:
         self.calls += 1
-        if not prompt_ids:
-            return GenerationOutput(completion_ids=[], finished=[], logprobs=[])
         expanded = [list(ids) for ids in prompt_ids for _ in range(n)]
         max_new_tokens = sampling.max_new_tokens if sampling is not None else self.trainer.max_completion_length
-        with self._max_new_tokens(max_new_tokens):
-            completion_ids, logprobs = self.trainer._generate_single_turn(expanded, None, {}, n)
+        if self.trainer.accelerator.num_processes == 1:
+            completion_ids, logprobs = self._run(expanded, n, max_new_tokens) if expanded else ([], [])
+        else:
+            # Generation is collective across processes (FSDP/ZeRO-3 parameter gathering, vLLM server and tensor
+            # parallel groups), but each process's memory loop makes its own number of calls with its own batch
+            # size. So every call is a round in which all processes take part with equally wide batches.
+            width, budget, _ = self._exchange(len(expanded), max_new_tokens, done=False)
+            padded = expanded + [self._filler_prompt] * (width - len(expanded))
+            completion_ids, logprobs = self._run(padded, 1, budget)
+            completion_ids = completion_ids[: len(expanded)]
+            logprobs = None if logprobs is None else logprobs[: len(expanded)]
         eos = set(self.trainer.eos_token_ids)
-        completion_ids = [list(c) for c in completion_ids]
         finished = [bool(c) and c[-1] in eos for c in completion_ids]
         return GenerationOutput(completion_ids=completion_ids, finished=finished, logprobs=logprobs)
+
+    def synchronize(self) -> None:
+        """Join the other processes' remaining generation rounds until every process has finished its rollouts."""
+        if self.trainer.accelerator.num_processes == 1:
+            return
+        while True:
+            width, budget, all_done = self._exchange(0, 0, done=True)
+            if all_done:
+                return
+            if width:
+                self._run([self._filler_prompt] * width, 1, budget)
 
 
 def default_entity_tools() -> tuple[EntityFinder, EntityMasker]:
@@ -258,6 +292,7 @@ class MemTrainer(GRPOTrainer):
                 trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed
             )
         recall_scores, recall_output = self._answer_probes(probes)
+        self.generator.synchronize()
         recall_rewards = [sum(s) / len(s) if s else None for s in recall_scores]
         metrics["rollout_time"].append(time.perf_counter() - start)
 
@@ -342,8 +377,10 @@ class MemTrainer(GRPOTrainer):
             metrics["memory_tokens/max"].append(float(max(lengths)))
             metrics["memory_truncated_ratio"].append(sum(not c.finished for c in updates) / len(updates))
         metrics["chunks/mean"].append(sum(len(t.chunks) for t in trajectories) / max(len(trajectories), 1))
-        metrics["rows_trained"].append(float(len(rows)))
-        metrics["tokens_trained"].append(float(sum(len(r.completion_ids) for r in rows)))
+        trained = torch.tensor([float(len(rows)), float(sum(len(r.completion_ids) for r in rows))])
+        trained = self._gather_floats(trained).view(-1, 2).sum(0)
+        metrics["rows_trained"].append(float(trained[0]))
+        metrics["tokens_trained"].append(float(trained[1]))
         metrics["groups_filtered"].append(float(rollout_adv.num_filtered_groups))
         metrics["recall_groups_filtered"].append(float(recall_filtered))
 
