@@ -153,6 +153,9 @@ class EvalConfig:
     num_trajectory_pages: int = 4
     recall_chunk_policy: str = "any"
     recall_samples: int = 1
+    search_max_turns: int = 6
+    search_topk: int = 3
+    search_max_new_tokens: int = 512
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -164,7 +167,8 @@ class EvalConfig:
         if self.task == "search" and "full_context" in self.modes:
             raise ValueError("--task search has no context for --modes full_context; use --modes agent.")
         for name in ("num_samples", "chunk_size", "max_chunks", "max_memory_tokens", "max_answer_tokens",
-                     "max_context_tokens", "batch_size", "recall_samples"):  # fmt: skip
+                     "max_context_tokens", "batch_size", "recall_samples", "search_max_turns", "search_topk",
+                     "search_max_new_tokens"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -398,16 +402,21 @@ class Evaluator:
         return RunOutput(replies, [[] for _ in rows], [None] * len(rows), time.perf_counter() - start)
 
     def run_search_agent(self, rows: Sequence[Mapping[str, Any]]) -> RunOutput:
-        from memtrain.agent.search_agent import SearchAgent
+        from memtrain.agent.search_agent import SearchAgent, SearchAgentConfig
 
         if self.retriever is None:
             raise ValueError("--task search needs a retriever: pass --retriever_corpus FILE or --retriever_url URL.")
         cfg = self.config
-        agent = SearchAgent(self.tokenizer, self.generator, self.retriever)
+        search = SearchAgentConfig(
+            max_turns=cfg.search_max_turns, topk=cfg.search_topk, max_new_tokens=cfg.search_max_new_tokens
+        )
+        agent = SearchAgent(self.tokenizer, self.generator, self.retriever, search)
         start = time.perf_counter()
         replies, pages, extra = [], [], []
         for index, (_, batch) in enumerate(self._batches(rows)):
-            trajectories = agent.rollout(batch, n=cfg.num_samples, sampling=self._batch_sampling(index, 512))
+            trajectories = agent.rollout(
+                batch, n=cfg.num_samples, sampling=self._batch_sampling(index, cfg.search_max_new_tokens)
+            )
             for i in range(len(batch)):
                 group = trajectories[i * cfg.num_samples : (i + 1) * cfg.num_samples]
                 replies.append([t.answer for t in group])
@@ -670,6 +679,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     _flag(parser, "longqa_num_questions", type=int, help="Questions per built bucket (default: all).")
     _flag(parser, "retriever_corpus", help="search: passages file for a local BM25 retriever.")
     _flag(parser, "retriever_url", help="search: URL of a running retrieval server.")
+    _flag(parser, "search_max_turns", type=int, default=defaults.search_max_turns, help="search: turns (MEM1: 6).")
+    _flag(parser, "search_topk", type=int, default=defaults.search_topk, help="search: passages per query.")
+    _flag(parser, "search_max_new_tokens", type=int, default=defaults.search_max_new_tokens)
     _flag(parser, "max_batch_size", type=int, help="transformers backend: sequences per generate call.")
     return parser
 
