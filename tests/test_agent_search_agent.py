@@ -200,6 +200,12 @@ def test_config_validation():
         SearchAgentConfig(turn_template="{what} {answer_format} {questions} {state}")
 
 
+def test_tokenizer_without_chat_template_is_refused(tokenizer):
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        SearchAgent(tokenizer, None, None)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Rollouts with real models
 # ---------------------------------------------------------------------------------------------------------------------
@@ -276,3 +282,29 @@ def test_answer_path_multi_question_em(tokenizer, retriever):
     assert t.metadata["malformed_turns"] == 1 and t.answer == "Evan Morris ; Pavia"
     assert t.calls[0].text == "<answer>Evan Morris ; Pavia</answer>" and t.calls[0].finished
     assert "1. Who was Evan Morris?\n2. Where is Pavia?" in tokenizer.decode(t.calls[0].prompt_ids)
+
+
+@pytest.mark.slow
+def test_real_smollm2_search_rollout(retriever):
+    """The real SmolLM2-135M-Instruct through a whole rollout: whatever it writes, budgets and records hold."""
+    from memtrain.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype="float32")
+    config = SearchAgentConfig(max_turns=2, max_new_tokens=96, observation_max_tokens=200, state_max_tokens=96)
+    generator = CountingGenerator(TransformersGenerator(model, tokenizer))
+    agent = SearchAgent(tokenizer, generator, retriever, config)
+    rows = [ROWS[0], ROWS[2]]
+    trajectories = agent.rollout(rows, sampling=SamplingConfig(do_sample=False))
+    assert 1 <= len(generator.calls) <= 3
+    empty_prompt = len(chat_prompt_ids(tokenizer, agent.render_prompt(["q"] * 2, "", "", final=False)))
+    for t in trajectories:
+        assert 1 <= len(t.calls) <= 3 and t.calls[-1].kind == "final"
+        assert all(c.kind == "search" for c in t.calls[:-1])
+        assert len(t.metadata["queries"]) <= 2 and 0.0 <= t.metadata["em"] <= 1.0
+        for call in t.calls:
+            assert len(call.completion_ids) <= 96
+            # constant memory: template + questions + state budget + observation budget (+ slack for the wording)
+            question_tokens = len(tokenizer(t.problem)["input_ids"])
+            assert len(call.prompt_ids) <= empty_prompt + question_tokens + 96 + 200 + 64
+        for info in t.chunks:
+            assert len(tokenizer(info, add_special_tokens=False)["input_ids"]) <= 200

@@ -296,6 +296,11 @@ class SearchAgent:
     def __init__(
         self, tokenizer: Any, generator: Generator, retriever: Retriever, config: SearchAgentConfig | None = None
     ):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "The search agent talks to the model in chat turns, but this tokenizer has no chat template. Use an "
+                "instruct model's tokenizer or set tokenizer.chat_template."
+            )
         self.tokenizer = tokenizer
         self.generator = generator
         self.retriever = retriever

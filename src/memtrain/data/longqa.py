@@ -167,6 +167,7 @@ class ParagraphPool:
         for paragraph in paragraphs:
             seen.setdefault(paragraph.title, paragraph)
         self.paragraphs = list(seen.values())
+        self._position = {p.title: i for i, p in enumerate(self.paragraphs)}
 
     @classmethod
     def from_examples(cls, examples: Iterable[QAExample]) -> ParagraphPool:
@@ -177,15 +178,21 @@ class ParagraphPool:
 
     def available_for(self, example: QAExample) -> int:
         """How many pool paragraphs may pad ``example`` (its own titles are excluded)."""
-        own = {p.title for p in example.paragraphs}
-        return len(self.paragraphs) - sum(1 for p in self.paragraphs if p.title in own)
+        return len(self.paragraphs) - len({p.title for p in example.paragraphs if p.title in self._position})
 
     def sample(self, count: int, exclude_titles: set[str], rng: random.Random) -> list[Paragraph]:
-        """``count`` distinct paragraphs whose titles are not in ``exclude_titles``."""
-        candidates = [i for i in range(len(self.paragraphs)) if self.paragraphs[i].title not in exclude_titles]
-        if count > len(candidates):
-            raise ValueError(f"the paragraph pool has {len(candidates)} usable paragraphs, {count} requested.")
-        return [self.paragraphs[i] for i in rng.sample(candidates, count)]
+        """``count`` distinct paragraphs whose titles are not in ``exclude_titles``.
+
+        Draws ``count`` + (excluded titles present) indices and drops the excluded ones: O(count), not O(pool), so
+        padding 90k training questions from a 900k-paragraph pool stays fast.
+        """
+        excluded = {self._position[t] for t in exclude_titles if t in self._position}
+        if count > len(self.paragraphs) - len(excluded):
+            raise ValueError(
+                f"the paragraph pool has {len(self.paragraphs) - len(excluded)} usable paragraphs, {count} requested."
+            )
+        drawn = rng.sample(range(len(self.paragraphs)), min(len(self.paragraphs), count + len(excluded)))
+        return [self.paragraphs[i] for i in drawn if i not in excluded][:count]
 
 
 def render_documents(paragraphs: Sequence[Paragraph]) -> str:
