@@ -225,5 +225,6 @@ def test_real_smollm2_reads_three_chunks_and_answers():
     assert [call.kind for call in trajectory.calls] == ["update"] * 3 + ["final"]
     assert all(memory.strip() for memory in trajectory.memories[1:]), "a real model writes a non-empty memory"
     assert all(len(call.completion_ids) <= 48 for call in trajectory.calls[:3])
-    assert trajectory.answer.strip()
-    print("memories:", trajectory.memories, "answer:", trajectory.answer)
+    # greedy SmolLM2-135M carries the chunk-1 fact through two later overwrites and answers from it
+    assert "painted red" in trajectory.memories[-1]
+    assert "red" in trajectory.answer.lower()
