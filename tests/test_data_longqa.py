@@ -237,3 +237,20 @@ def test_build_script_from_recipe(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="pool has only"):
         main([str(recipe), "--output_dir", str(tmp_path / "big"), "--test_buckets", "500"])
     assert not (tmp_path / "big").exists() and not list(tmp_path.glob(".big*"))  # nothing half-written
+
+
+@pytest.mark.slow
+def test_real_smollm2_closed_book_filter(examples):
+    """SmolLM2-135M-Instruct closed-book on the 12 fixture questions: a consistent split, audited replies."""
+    from memtrain.agent.generation import SamplingConfig, TransformersGenerator
+    from memtrain.data.longqa import filter_examples_no_context
+    from memtrain.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype="float32")
+    generator = TransformersGenerator(model, tokenizer)
+    kept, dropped = filter_examples_no_context(
+        examples, tokenizer, generator, SamplingConfig(max_new_tokens=48, do_sample=False), batch_size=12
+    )
+    assert len(kept) + len(dropped) == len(examples)
+    for row in dropped:
+        assert answered_without_context(row["closed_book_completion"], row["answers"])

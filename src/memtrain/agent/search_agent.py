@@ -331,6 +331,12 @@ class SearchAgent:
         ``max_new_tokens`` comes from the agent config. A seeded rollout is deterministic: turn ``t`` uses a seed
         derived from ``(seed, t)``. The first turn's prompts are shared by a row's ``n`` rollouts and generated with
         ``n`` samples each; later turns are one sample per active trajectory. Either way one generator call per turn.
+
+        Each :class:`Trajectory` holds one :class:`ModelCall` per turn (kind ``search`` for a turn that did not
+        answer, ``final`` for the answering or forced final turn), ``memories`` = the internal states
+        (``memories[0]`` the initial one), ``chunks`` = the information blocks received, ``answer`` = the raw
+        ``<answer>`` text, and ``metadata``: ``questions``, ``gold_answers``, ``predictions`` (one per question),
+        ``em`` (averaged over the questions), ``queries``, ``num_searches``, ``malformed_turns``, ``forced_final``.
         """
         cfg = self.config
         if n < 1:
