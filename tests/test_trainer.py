@@ -166,3 +166,30 @@ def test_ddp_processes_with_different_call_counts_stay_in_lockstep(smollm2_token
     assert all(r["world_size"] == 2 and r["global_step"] == 2 for r in reports)
     assert reports[0]["generator_calls"] != reports[1]["generator_calls"]
     assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"], rel=1e-6)
+
+
+def test_search_agent_rollouts_train_one_row_per_turn(tiny_model, tokenizer, tmp_path):
+    """MEM1-style search QA through the same trainer: a real BM25 index over DPR passages, pairs of questions."""
+    from memtrain.data.searchqa import build_multi_question_rows, load_qa_pairs
+
+    fixtures = Path(__file__).parent / "fixtures"
+    nq = load_qa_pairs(fixtures / "search" / "nq_test_17.jsonl")
+    hotpot = load_qa_pairs(fixtures / "longqa" / "hotpotqa_train_12.json")
+    dataset = Dataset.from_list(build_multi_question_rows([nq, hotpot], num_rows=2, seed=0))
+
+    def token_checksum_reward(completions, completion_ids, **kwargs):
+        return [(sum(ids) % 97) / 97 for ids in completion_ids]
+
+    trainer = make_trainer(
+        tiny_model, tokenizer, dataset, tmp_path, max_steps=1, agent_type="search",
+        retriever=str(fixtures / "search" / "dpr_passages_200.jsonl"), search_max_turns=2, search_max_new_tokens=8,
+        reward_funcs=["token_checksum_reward", "search_em"], reward_weights=[1.0, 1.0], train_recall_answers=False,
+        trajectory_html_steps=0, funcs=[token_checksum_reward, REWARD_FUNCS["search_em"]],
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    trainer.train()
+    log = next(entry for entry in trainer.state.log_history if "reward" in entry)
+    assert "rewards/search_em/mean" in log and log["recall_probes_without_entity"] == 2
+    # every rollout makes 1..3 calls (2 turns + a forced answer), each its own row
+    assert 2 <= log["rows_trained"] <= 2 * 2 * 3
+    assert any(not torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())

@@ -71,6 +71,29 @@ class MemTrainConfig(GRPOConfig):
         default=True,
         metadata={"help": "Train on the recall answers (their own G2 groups). Off: recall only feeds the reward."},
     )
+    agent_type: str = field(
+        default="memory",
+        metadata={
+            "help": "`memory`: MemAgent's chunked reading (MemTrain, long-text QA). `search`: MEM1's search agent "
+            "(search QA; needs `retriever`)."
+        },
+    )
+    retriever: str | None = field(
+        default=None,
+        metadata={
+            "help": "Search agent only: a passage corpus (file, folder, Hub id, `builtin:wiki-sample`) indexed in "
+            "process, or the http URL of `scripts/serve_retriever.py` shared by all processes."
+        },
+    )
+    retriever_method: str = field(default="bm25", metadata={"help": "In-process retriever: `bm25` or `dense`."})
+    search_max_turns: int = field(
+        default=6, metadata={"help": "Search agent: turns before a forced answer (MEM1: 6)."}
+    )
+    search_topk: int = field(default=3, metadata={"help": "Search agent: passages per search (MEM1: 3)."})
+    search_observation_tokens: int = field(
+        default=1024, metadata={"help": "Search agent: token budget of one <information> block (MEM1: 1k)."}
+    )
+    search_max_new_tokens: int = field(default=512, metadata={"help": "Search agent: new tokens per turn."})
     filter_zero_variance_groups: bool = field(
         default=True, metadata={"help": "Drop groups whose rewards are all equal (DAPO dynamic filtering)."}
     )
@@ -92,6 +115,10 @@ class MemTrainConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.agent_type not in {"memory", "search"}:
+            raise ValueError(f"agent_type must be `memory` or `search`, got {self.agent_type!r}.")
+        if self.agent_type == "search" and not self.retriever:
+            raise ValueError("agent_type `search` needs `retriever:` (a passage corpus or a retriever service URL).")
         if self.recall_chunk_policy not in {"any", "latest"}:
             raise ValueError(f"recall_chunk_policy must be `any` or `latest`, got {self.recall_chunk_policy!r}.")
         if self.loss_aggregation not in {"token_mean", "conversation_mean"}:

@@ -233,3 +233,30 @@ def memory_recall(completions: list, recall_rewards: list | None = None, **kwarg
         else:
             raise TypeError(f"Reward 'memory_recall': recall_rewards[{i}] must be a number or None, got {value!r}.")
     return rewards
+
+
+@register_reward("search_em")
+def search_em(
+    completions: list, answers: list | None = None, questions: list | None = None, prompts: list | None = None, **kwargs
+) -> list[float | None]:
+    """MEM1's search-QA reward: exact match (SQuAD normalisation) of each ``<answer>``, averaged over the questions.
+
+    A row asks one question (``prompt`` + ``answers``: accepted strings) or several together (``questions`` +
+    ``answers``: one list of accepted strings per question); the answers are ``;``-separated or numbered.
+    """
+    from memtrain.agent.search_agent import multi_exact_match, row_questions, split_answers
+
+    if answers is None:
+        raise ValueError("Reward 'search_em' needs the dataset column `answers`.")
+    rewards: list[float | None] = []
+    for i, completion in enumerate(completions):
+        row = {"answers": answers[i], "prompt": prompts[i] if prompts is not None else ""}
+        if questions is not None and questions[i] is not None:
+            row["questions"] = questions[i]
+        asked, gold = row_questions(row, i)
+        if not any(gold):
+            rewards.append(None)
+            continue
+        predictions = split_answers(completion_text(completion, i), len(asked))
+        rewards.append(multi_exact_match(predictions, gold))
+    return rewards

@@ -142,6 +142,26 @@ def default_entity_tools() -> tuple[EntityFinder, EntityMasker]:
     return find_entities, mask_target
 
 
+def build_search_agent(args: MemTrainConfig, tokenizer: Any, generator: TrainerGenerator) -> Any:
+    """MEM1's search agent over an in-process index or a shared retriever service; None for the memory agent."""
+    if args.agent_type != "search":
+        return None
+    from memtrain.agent.search_agent import SearchAgent, SearchAgentConfig
+    from memtrain.retrieval import RemoteRetriever, Retriever
+
+    if args.retriever.startswith(("http://", "https://")):
+        retriever = RemoteRetriever(args.retriever)
+    else:
+        retriever = Retriever.from_corpus(args.retriever, method=args.retriever_method)
+    config = SearchAgentConfig(
+        max_turns=args.search_max_turns,
+        topk=args.search_topk,
+        observation_max_tokens=args.search_observation_tokens,
+        max_new_tokens=args.search_max_new_tokens,
+    )
+    return SearchAgent(tokenizer, generator, retriever, config)
+
+
 class MemTrainer(GRPOTrainer):
     """Multi-conversation GRPO for memory agents: a ``trl.GRPOTrainer`` whose samples are whole rollouts.
 
@@ -190,6 +210,7 @@ class MemTrainer(GRPOTrainer):
         self.templates = self.agent_config.templates()
         self.generator = TrainerGenerator(self)
         self.memory_agent = MemoryAgent(self.processing_class, self.generator, self.agent_config)
+        self.search_agent = build_search_agent(args, self.processing_class, self.generator)
         self._entity_tools = entity_tools
         self._skip_next_optimizer_step = False
         self._last_trajectories: list[Trajectory] = []
@@ -275,18 +296,21 @@ class MemTrainer(GRPOTrainer):
         n_local = len(batch)
         doc_ids = [str(row.get("id", i)) for i, row in enumerate(batch)]
         start = time.perf_counter()
-        trajectories = self.memory_agent.rollout(
-            [row["context"] for row in batch],
-            [row["prompt"] for row in batch],
-            n=1,
-            doc_ids=doc_ids,
-            sampling=SamplingConfig(max_new_tokens=self.agent_config.max_memory_tokens),
-        )
+        if self.search_agent is not None:
+            trajectories = self.search_agent.rollout(batch, n=1)
+        else:
+            trajectories = self.memory_agent.rollout(
+                [row["context"] for row in batch],
+                [row["prompt"] for row in batch],
+                n=1,
+                doc_ids=doc_ids,
+                sampling=SamplingConfig(max_new_tokens=self.agent_config.max_memory_tokens),
+            )
 
-        find_entities, mask_entity = self.entity_tools
         recall_wanted = "memory_recall" in self.args.reward_funcs or self.args.train_recall_answers
         probes: list[RecallProbe | None] = [None] * n_local
-        if recall_wanted and self.args.recall_samples > 0:
+        if recall_wanted and self.args.recall_samples > 0 and self.search_agent is None:
+            find_entities, mask_entity = self.entity_tools
             seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.accelerator.process_index
             probes = build_recall_probes(
                 trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed
