@@ -318,3 +318,46 @@ def test_readme_table_lists_every_recipe_and_every_path_exists():
             assert f"accelerate_configs/{config} scripts/run_grpo.py recipes/{name}" in " ".join(readme.split()), (
                 f"README has no launch command for {name} with {config}"
             )
+
+
+# ------------------------------------------------------------------------------------------- post-training recipes
+
+POST_TRAINING = sorted((RECIPES_DIR / "post_training").glob("*.yaml"))
+
+
+def test_post_training_recipes_are_the_expected_four():
+    assert [p.name for p in POST_TRAINING] == [
+        "mem1-qwen-7b.yaml", "mem1-smollm2-135m.yaml", "memagent-qwen-7b.yaml", "memagent-smollm2-135m.yaml",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", POST_TRAINING, ids=lambda p: p.name)
+def test_post_training_recipes_parse_and_follow_their_method(path):
+    recipe = raw(path)
+    parsed = parse(path)
+    _, agent, args, model_args = parsed
+    for key, expected in recipe.items():
+        owner = next(obj for obj in parsed if key in type(obj).__dataclass_fields__)
+        if key != "report_to" and not (key == "use_cpu" and cpu_overrides(recipe)):
+            assert normalise(getattr(owner, key)) == expected, f"{path.name}: {key}"
+    # Downstream post-training has no recall probes and no masked entity: only the final answer is rewarded.
+    assert "memory_recall" not in args.reward_funcs and not args.train_recall_answers
+    assert args.per_device_train_batch_size % args.num_generations == 0
+    assert args.scale_rewards == "none" and args.filter_zero_variance_groups and args.beta == 0.001
+    if path.name.startswith("mem1"):
+        assert args.agent_type == "search" and args.retriever and args.reward_funcs == ["search_em"]
+    else:
+        assert args.agent_type == "memory" and args.reward_funcs[0].startswith("answer_")
+    if "qwen" in path.name:  # the paper's settings: lr 1e-6 (MemAgent) / 5e-7 (MEM1), 8 rollouts, 500 / 200 steps
+        assert args.num_generations == 8
+        expected = (5e-7, 200) if path.name.startswith("mem1") else (1e-6, 500)
+        assert (args.learning_rate, args.max_steps) == expected
+    else:
+        assert args.use_cpu and model_args.model_name_or_path == "smollm2-135m"
+
+
+@pytest.mark.parametrize("path", POST_TRAINING, ids=lambda p: p.name)
+def test_post_training_recipes_name_files_that_exist_or_are_built(path):
+    text = path.read_text(encoding="utf-8")
+    for mentioned in set(re.findall(r"(?:recipes|tests/fixtures)/[\w./-]+\.(?:yaml|jsonl|json)", text)):
+        assert (ROOT / mentioned).is_file(), f"{path.name} mentions {mentioned}, which does not exist"
