@@ -392,8 +392,13 @@ class MemTrainer(GRPOTrainer):
         metrics["final_accuracy"].append(
             float(first[~torch.isnan(first)].mean()) if (~torch.isnan(first)).any() else 0.0
         )
-        metrics["recall_accuracy"].append(sum(probe_rewards) / len(probe_rewards) if probe_rewards else math.nan)
-        metrics["recall_probes_without_entity"].append(float(sum(p is None for p in probes)))
+        if self.search_agent is None:
+            metrics["recall_accuracy"].append(sum(probe_rewards) / len(probe_rewards) if probe_rewards else math.nan)
+            metrics["recall_probes_without_entity"].append(float(sum(p is None for p in probes)))
+        else:
+            metrics["searches/mean"].append(
+                sum(t.metadata.get("num_searches", 0) for t in trajectories) / max(len(trajectories), 1)
+            )
         updates = [c for t in trajectories for c in t.calls if c.kind == "update"]
         if updates:
             lengths = [len(c.completion_ids) for c in updates]
