@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from conftest import build_tiny_model
@@ -104,3 +105,18 @@ def test_seeded_sampling_is_reproducible(model_dir, context_file, capsys):
     assert capsys.readouterr().out == first
     assert cli.main(read_args(model_dir, context_file, "--temperature", "-1")) == 2
     assert "--temperature must be >= 0" in capsys.readouterr().err
+
+
+def test_forwarded_subcommands_run_the_scripts_entry_points(tmp_path, capsys):
+    from memtrain.cli import main
+
+    fixtures = Path(__file__).parent / "fixtures"
+    out = tmp_path / "searchqa"
+    code = main(
+        ["build-searchqa", "--questions", str(fixtures / "search" / "nq_test_17.jsonl"),
+         str(fixtures / "longqa" / "hotpotqa_train_12.json"), "--num_rows", "3", "--output_dir", str(out)]
+    )  # fmt: skip
+    assert code == 0 and (out / "dataset_info.json").is_file()
+    # a recipe that is not there is a user error (exit 2, no traceback), reported before anything loads
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err

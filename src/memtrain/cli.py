@@ -138,6 +138,42 @@ def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands that forward their arguments to the entry point of a script (the same flags as the script).
+FORWARDED = {
+    "train": ("memtrain.train", "MemTrain GRPO from a recipe (= scripts/run_grpo.py recipe.yaml [--key value ...])."),
+    "build-data": ("memtrain.data.build", "MemTrain documents from a corpus (= scripts/build_dataset.py)."),
+    "build-longqa": ("memtrain.data.longqa", "Long-text QA buckets from HotpotQA rows (= scripts/build_longqa.py)."),
+    "build-searchqa": ("memtrain.data.searchqa", "Multi-question search-QA rows (= scripts/build_searchqa.py)."),
+    "serve-retriever": ("memtrain.retrieval", "Serve a passage index over HTTP (= scripts/serve_retriever.py)."),
+}
+
+
+def _forward(module_name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        importlib.import_module(module_name).main(args.forwarded)
+        return 0
+
+    return handler
+
+
+def _add_forwarded(name: str) -> SubparserAdder:
+    module_name, help_text = FORWARDED[name]
+
+    def add(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(name, help=help_text, description=help_text, add_help=False)
+        parser.add_argument("forwarded", nargs=argparse.REMAINDER, help="Arguments of the script (try --help).")
+        parser.set_defaults(handler=_forward(module_name))
+        return parser
+
+    return add
+
+
+for _name in FORWARDED:
+    register_subcommand(_name)(_add_forwarded(_name))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memtrain", description="MemTrain: train and run memory agents.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,8 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        # argparse cannot forward options (e.g. --help) that come first, so forwarded commands bypass it.
+        args = argparse.Namespace(command=argv[0], forwarded=argv[1:], handler=_forward(FORWARDED[argv[0]][0]))
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except (CliError, ValueError, FileNotFoundError) as error:  # user errors: no traceback
