@@ -324,3 +324,20 @@ def test_real_smollm2_longqa_end_to_end(tmp_path):
     assert [r["mode"] for r in runs] == ["agent", "full_context"]
     assert runs[0]["metrics"]["buckets"]["10"]["n"] == 2
     assert all(any(reply.strip() for reply in p["replies"]) for p in runs[0]["predictions"])
+
+
+def test_a_long_qa_build_is_evaluated_on_its_held_out_buckets_only(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    row = {"prompt": "q?", "context": "Document 1:\nt\nx", "answers": ["x"]}
+    DatasetDict(
+        {
+            "train": Dataset.from_list([{**row, "num_docs": 200}] * 3),
+            "test_n50": Dataset.from_list([{**row, "num_docs": 50}] * 2),
+            "test_n100": Dataset.from_list([{**row, "num_docs": 100}]),
+        }
+    ).save_to_disk(str(tmp_path / "longqa" / "dataset"))
+    rows = load_rows(tmp_path / "longqa")
+    assert sorted(r["num_docs"] for r in rows) == [50, 50, 100]
+    Dataset.from_list([row] * 4).save_to_disk(str(tmp_path / "plain"))
+    assert len(load_rows(tmp_path / "plain")) == 4

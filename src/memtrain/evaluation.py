@@ -203,7 +203,8 @@ class EvalConfig:
 
 def load_rows(source: str | Path) -> list[dict[str, Any]]:
     """Rows from a ``.json``/``.jsonl``/``.parquet`` file, a ``save_to_disk`` folder (Dataset or DatasetDict: the
-    splits are concatenated), or a folder written by ``scripts/build_dataset.py`` (its ``dataset/`` subfolder)."""
+    splits other than ``train`` are concatenated, or ``train`` when it is the only one), or a folder written by
+    ``scripts/build_dataset.py`` / ``scripts/build_longqa.py`` (its ``dataset/`` subfolder)."""
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--dataset {source}: no such file or folder; give rows as .jsonl/.json/.parquet "
@@ -216,7 +217,12 @@ def load_rows(source: str | Path) -> list[dict[str, Any]]:
             loaded = datasets.load_from_disk(str(folder))
         except FileNotFoundError as error:
             raise FileNotFoundError(f"--dataset {source}: not a save_to_disk folder ({error}).") from None
-        parts = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+        if isinstance(loaded, datasets.DatasetDict):
+            # A build with held-out splits (long-text QA: train + test_n<N>) is evaluated on the held-out ones only.
+            held_out = [name for name in loaded if name != "train"]
+            parts = [loaded[name] for name in (held_out or list(loaded))]
+        else:
+            parts = [loaded]
         return [dict(row) for part in parts for row in part]
     if path.suffix == ".parquet":
         import datasets
