@@ -237,7 +237,11 @@ def memory_recall(completions: list, recall_rewards: list | None = None, **kwarg
 
 @register_reward("search_em")
 def search_em(
-    completions: list, answers: list | None = None, questions: list | None = None, prompts: list | None = None, **kwargs
+    completions: list,
+    answers: list | None = None,
+    questions: list | None = None,
+    prompts: list | None = None,
+    **kwargs,
 ) -> list[float | None]:
     """MEM1's search-QA reward: exact match (SQuAD normalisation) of each ``<answer>``, averaged over the questions.
 
