@@ -75,6 +75,10 @@ def train(
     if script_args.max_train_samples is not None:
         train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
 
+    # memtrain pushes once, at the end, with its own card (adapter or full weights); Trainer's own pushes (a repo at
+    # start, every checkpoint, its generic card) are switched off so the Hub never holds a card-less checkpoint.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+
     model, tokenizer = load_from_model_config(model_args, peft_config=None)
     peft_config = None if hasattr(model, "peft_config") else get_peft_config(model_args)
 
@@ -107,7 +111,7 @@ def train(
     Path(training_args.output_dir, "metrics_history.json").write_text(
         json.dumps(trainer.state.log_history, indent=1), encoding="utf-8"
     )
-    if training_args.push_to_hub:
+    if push_to_hub:
         push_trained_model(trainer, training_args, model_args, script_args, recipe, metrics)
     return metrics
 

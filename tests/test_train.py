@@ -1,0 +1,93 @@
+"""The run_grpo path end to end: recipe -> local model + LoRA -> built documents -> one step -> adapter pushed with a card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import build_tiny_model
+from datasets import Dataset
+from test_hub import FakeHubServer
+
+from memtrain.train import load_training_dataset, main
+
+
+@pytest.fixture
+def tiny_checkpoint(tokenizer, tmp_path) -> Path:
+    path = tmp_path / "tiny-llama"
+    build_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def built_documents(tmp_path) -> Path:
+    from memtrain.data.corpus import builtin_corpus_path, load_corpus
+    from memtrain.data.documents import DocumentBuilderConfig, build_documents
+
+    corpus = load_corpus(str(builtin_corpus_path("wiki-sample")), limit=200)
+    config = DocumentBuilderConfig(
+        num_documents=2, num_neighbours=1, num_random=1, neighbour_method="bm25", seed=1, show_progress=False
+    )
+    path = tmp_path / "docs"
+    Dataset.from_list(build_documents(corpus.paragraphs, config).rows).save_to_disk(str(path))
+    return path
+
+
+def test_recipe_trains_a_lora_adapter_and_pushes_it_with_a_card(
+    tiny_checkpoint, built_documents, tmp_path, monkeypatch
+):
+    hub = FakeHubServer(monkeypatch)
+    output_dir = tmp_path / "run"
+    recipe = {
+        "model_name_or_path": str(tiny_checkpoint),
+        "dtype": "float32",
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "dataset_name": str(built_documents),
+        "chunk_size": 48,
+        "max_chunks": 2,
+        "max_memory_tokens": 6,
+        "max_answer_tokens": 4,
+        "reward_funcs": ["masked_entity_em_lenient", "memory_recall"],
+        "reward_weights": [1.0, 0.5],
+        "lenient_recall": True,
+        "num_generations": 2,
+        "per_device_train_batch_size": 2,
+        "recall_samples": 2,
+        "beta": 0.001,
+        "max_steps": 1,
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "trajectory_html_steps": 0,
+        "output_dir": str(output_dir),
+        "push_to_hub": True,
+        "hub_model_id": "me/memtrain-tiny",
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+
+    metrics = main([str(path), "--learning_rate", "1e-3"])
+
+    assert "train_runtime" in metrics
+    assert (output_dir / "adapter_config.json").is_file() and (output_dir / "memtrain_recipe.yaml").is_file()
+    saved = yaml.safe_load((output_dir / "memtrain_recipe.yaml").read_text())
+    assert saved["lora_r"] == 4 and saved["command_line_overrides"] == "--learning_rate 1e-3"
+    assert hub.repos[0]["repo_id"] == "me/memtrain-tiny"
+    pushed = hub.commits[-1]["files"]
+    assert "adapter_model.safetensors" in pushed and "README.md" in pushed
+    card = pushed["README.md"].decode()
+    assert "memtrain" in card and "masked_entity_em_lenient" in card
+
+
+def test_dataset_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        load_training_dataset(str(tmp_path / "missing.parquet"))
+    Dataset.from_list([{"prompt": "p", "text": "t"}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['context', 'answers'\]"):
+        load_training_dataset(str(tmp_path / "bad"))
