@@ -265,17 +265,19 @@ class MemTrainer(GRPOTrainer):
                     rewards[i, j] = float(value)
         return rewards
 
-    def _answer_probes(self, probes: list[RecallProbe | None]) -> tuple[list[list[float]], GenerationOutput | None]:
+    def _answer_probes(
+        self, probes: list[RecallProbe | None]
+    ) -> tuple[list[list[float]], GenerationOutput | None, list[list[int]]]:
+        """G2 answers to every probe in one generator call: (scores per probe, the output, the probe prompts)."""
         live = [p for p in probes if p is not None]
         if not live:
-            return [[] for _ in probes], None
+            return [[] for _ in probes], None, []
         prompts = [self.memory_agent.encode_chat(self.templates.render_recall(p.memory, p.masked_chunk)) for p in live]
         output = self.generator.generate(
             prompts,
             n=self.args.recall_samples,
             sampling=SamplingConfig(max_new_tokens=self.agent_config.max_answer_tokens),
         )
-        self._recall_prompts = prompts
         tokenizer = self.processing_class
         scores: list[list[float]] = []
         g2 = self.args.recall_samples
@@ -288,7 +290,7 @@ class MemTrainer(GRPOTrainer):
             texts = tokenizer.batch_decode(block, skip_special_tokens=True)
             scores.append([recall_em(text, probe.entity, lenient=self.args.lenient_recall) for text in texts])
             live_index += 1
-        return scores, output
+        return scores, output, prompts
 
     def _rollout_and_score(self, batch: list[dict]) -> list[TrainingRow]:
         mode = "train" if self.model.training else "eval"
@@ -315,7 +317,7 @@ class MemTrainer(GRPOTrainer):
             probes = build_recall_probes(
                 trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed
             )
-        recall_scores, recall_output = self._answer_probes(probes)
+        recall_scores, recall_output, recall_prompts = self._answer_probes(probes)
         self.generator.synchronize()
         recall_rewards = [sum(s) / len(s) if s else None for s in recall_scores]
         metrics["rollout_time"].append(time.perf_counter() - start)
@@ -355,7 +357,7 @@ class MemTrainer(GRPOTrainer):
                 self.args.filter_zero_variance_groups,
             )
             recall_filtered = recall_adv.num_filtered_groups
-            prompt_of_answer = [p for p in self._recall_prompts for _ in range(self.args.recall_samples)]
+            prompt_of_answer = [p for p in recall_prompts for _ in range(self.args.recall_samples)]
             for a, completion in enumerate(recall_output.completion_ids):
                 if bool(recall_adv.keep[a]) and completion:
                     rows.append(
