@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +17,7 @@ from typing import Any
 
 from memtrain.data.corpus import BUILTIN_PREFIX, FORMATS, load_corpus
 from memtrain.data.documents import BuildResult, DocumentBuilderConfig, build_documents
+from memtrain.data.output import atomic_output_dir
 
 
 logger = logging.getLogger(__name__)
@@ -109,9 +107,7 @@ def write_dataset(
 
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.incomplete-", dir=output_dir.parent))
-    try:
+    with atomic_output_dir(output_dir) as staging:
         dataset = Dataset.from_list(result.rows, features=memtrain_features())
         dataset.save_to_disk(str(staging / "dataset"))
         (staging / "data").mkdir()
@@ -119,16 +115,6 @@ def write_dataset(
         (staging / "README.md").write_text(str(card), encoding="utf-8")
         stats = {"build": result.stats.to_dict(), **extra_stats}
         (staging / "build_stats.json").write_text(json.dumps(stats, indent=2, default=str), encoding="utf-8")
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-            output_dir.rename(old)
-            staging.rename(output_dir)
-            shutil.rmtree(old)
-        else:
-            staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -428,10 +428,9 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
     The folder holds ``dataset/`` (``DatasetDict.save_to_disk``: ``load_from_disk`` reads it), ``data/<split>-*.parquet``
     and the card ``README.md`` (what the Hub gets), and ``build_stats.json`` (counts, dropped question ids, arguments).
     """
-    import shutil
-    import tempfile
-
     from datasets import Dataset, DatasetDict
+
+    from memtrain.data.output import atomic_output_dir
 
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
@@ -472,9 +471,7 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
     stats["rows"] = {name: len(rows) for name, rows in splits.items()}
     stats["arguments"] = {key: getattr(args, key) for key in args.__dataclass_fields__}
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.incomplete-", dir=output_dir.parent))
-    try:
+    with atomic_output_dir(output_dir) as staging:
         data_files = []
         dataset_dict = DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
         dataset_dict.save_to_disk(str(staging / "dataset"))
@@ -491,12 +488,6 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
         )
         (staging / "README.md").write_text(card, encoding="utf-8")
         (staging / "build_stats.json").write_text(json.dumps(stats, indent=2, default=str), encoding="utf-8")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("wrote %s: %s", output_dir, stats["rows"])
     if args.push_to_hub:
         from memtrain.hub import push_folder_to_hub

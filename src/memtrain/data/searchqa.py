@@ -97,23 +97,13 @@ def build_multi_question_rows(sources: Sequence[Sequence[QAPair]], num_rows: int
 
 def write_rows(rows: list[dict], output_dir: str | Path) -> Path:
     """Save rows as a ``save_to_disk`` folder, atomically (a half-written build never looks complete)."""
-    import shutil
-    import tempfile
-
     from datasets import Dataset
 
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.incomplete-", dir=output_dir.parent))
-    try:
+    from memtrain.data.output import atomic_output_dir
+
+    with atomic_output_dir(output_dir) as staging:
         Dataset.from_list(rows).save_to_disk(str(staging))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output_dir
+    return Path(output_dir)
 
 
 def main(argv: list[str] | None = None) -> Path:
