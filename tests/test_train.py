@@ -5,12 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import build_tiny_model
 from datasets import Dataset
 from test_hub import FakeHubServer
 
+from memtrain.rewards import register_reward
 from memtrain.train import load_training_dataset, main
+
+
+@register_reward("answer_length")
+def answer_length(completions, **kwargs):
+    """A reward with spread even on a random model (test only): the final answer's length."""
+    return [len(text) / 10 for text in completions]
 
 
 @pytest.fixture
@@ -83,6 +91,18 @@ def test_recipe_trains_a_lora_adapter_and_pushes_it_with_a_card(
     assert "adapter_model.safetensors" in pushed and "README.md" in pushed
     card = pushed["README.md"].decode()
     assert "memtrain" in card and "masked_entity_em_lenient" in card
+
+    # The trained adapter, named as the model, keeps training: its LoRA weights change, the base does not.
+    from safetensors.torch import load_file
+
+    first = load_file(output_dir / "adapter_model.safetensors")
+    again = {**recipe, "model_name_or_path": str(output_dir), "use_peft": False, "push_to_hub": False}
+    again["output_dir"] = str(tmp_path / "continued")
+    path.write_text(yaml.safe_dump(again), encoding="utf-8")
+    main([str(path), "--learning_rate", "1e-2", "--reward_funcs", "answer_length", "memory_recall"])
+    second = load_file(tmp_path / "continued" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
 
 
 def test_dataset_errors_name_the_problem(tmp_path):

@@ -79,7 +79,8 @@ def train(
     # start, every checkpoint, its generic card) are switched off so the Hub never holds a card-less checkpoint.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
 
-    model, tokenizer = load_from_model_config(model_args, peft_config=None)
+    # A published memtrain adapter named as the model keeps training (its LoRA weights stay trainable).
+    model, tokenizer = load_from_model_config(model_args, peft_config=None, adapter_is_trainable=True)
     peft_config = None if hasattr(model, "peft_config") else get_peft_config(model_args)
 
     trainer = MemTrainer(

@@ -472,12 +472,14 @@ class MemTrainer(GRPOTrainer):
             row.old_logps = logps
 
     def _ref_logps(self, model, batch: dict) -> torch.Tensor:
-        from trl.models.utils import use_adapter  # noqa: PLC0415 - only needed when beta > 0
+        from trl.trainer.utils import use_adapter
 
         with torch.no_grad():
             if self.ref_model is not None:
                 return self._row_logps(self.ref_model, batch)[0]
-            with use_adapter(model, adapter_name="ref" if "ref" in getattr(model, "peft_config", {}) else None):
+            # PEFT: the reference is the base with the adapter off (or TRL's initial copy named "ref").
+            peft_model = self.accelerator.unwrap_model(model)
+            with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
                 return self._row_logps(model, batch)[0]
 
     def _micro_batch_loss(self, model, rows: list[TrainingRow], mode: str) -> torch.Tensor:
