@@ -209,3 +209,15 @@ def test_kl_to_the_reference_model_is_a_loss_term_when_beta_is_set(tokenizer, do
     assert log["rows_trained"] > 0
     # before the first update the policy is the reference: the k3 estimate is 0 up to float error
     assert log["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reused_generations_are_scored_against_their_old_log_probs(tiny_model, tokenizer, documents, tmp_path):
+    """num_iterations = 2: the second update reuses the rollouts, so rows carry their generation-time log-probs."""
+    trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path, max_steps=2, num_iterations=2)
+    trainer.train()
+    rows = [row for shard in trainer._buffered_inputs for row in shard]
+    assert rows and all(row.old_logps is not None and len(row.old_logps) == len(row.completion_ids) for row in rows)
+    logs = [entry for entry in trainer.state.log_history if "clip_ratio/region_mean" in entry]
+    assert len(logs) == 2
+    # one rollout phase for the two updates
+    assert len([entry for entry in trainer.state.log_history if "rollout_time" in entry]) == 1
