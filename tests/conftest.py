@@ -72,6 +72,18 @@ def tiny_model(tokenizer):
     return build_tiny_model(tokenizer)
 
 
+def save_tiny_checkpoint(tokenizer, folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama and the real SmolLM2 tokenizer saved as a normal checkpoint folder."""
+    build_tiny_model(tokenizer, seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tokenizer) -> Path:
+    return save_tiny_checkpoint(tokenizer, tmp_path / "tiny-checkpoint")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, save_tiny_checkpoint
 
 from memtrain.agent.generation import Generator, SamplingConfig
 from memtrain.agent.openai_backend import TEXT, OpenAICompatibleGenerator
@@ -36,9 +36,7 @@ def served(tmp_path_factory, smollm2_tokenizer_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
-    folder = tmp_path_factory.mktemp("served") / "tiny"
-    build_tiny_model(tokenizer, seed=3).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_tiny_checkpoint(tokenizer, tmp_path_factory.mktemp("served") / "tiny", seed=3)
 
     cli = Path(sys.executable).parent / "transformers"
     if not cli.exists():

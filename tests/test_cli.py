@@ -6,19 +6,15 @@ import argparse
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model
 
 from memtrain import cli
 from memtrain.agent.trajectory import load_trajectories
 
 
 @pytest.fixture
-def model_dir(tmp_path, tokenizer):
+def model_dir(tiny_checkpoint):
     """A tiny random Llama saved with the real SmolLM2 tokenizer: a local model folder like any other."""
-    path = tmp_path / "tiny-model"
-    build_tiny_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_checkpoint
 
 
 @pytest.fixture

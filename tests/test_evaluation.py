@@ -263,15 +263,13 @@ def test_cli_and_script_take_the_same_arguments(tmp_path, tokenizer):
     import argparse
     import runpy
 
-    from conftest import build_tiny_model
+    from conftest import save_tiny_checkpoint
 
     from memtrain.cli import build_parser
     from memtrain.cli import main as cli_main
     from memtrain.evaluation import add_eval_arguments
 
-    model_dir = tmp_path / "tiny"
-    build_tiny_model(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_checkpoint(tokenizer, tmp_path / "tiny")
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "Who?", "context": "Ann met Bob.", "answers": ["Ann"], "num_docs": 2}))
     argv = ["--model", str(model_dir), "--dataset", str(rows), "--max_answer_tokens", "3", "--output_dir",

@@ -28,12 +28,9 @@ TEXT = "The Eiffel Tower is in Paris."
 
 
 @pytest.fixture
-def tiny_dir(tmp_path, tokenizer) -> Path:
+def tiny_dir(tiny_checkpoint) -> Path:
     """A tiny random Llama + the real SmolLM2 tokenizer, saved as a normal checkpoint folder."""
-    folder = tmp_path / "tiny"
-    build_tiny_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_checkpoint
 
 
 def logits(model, tokenizer, text: str = TEXT) -> torch.Tensor:

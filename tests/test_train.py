@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_model
 from datasets import Dataset
 from test_hub import FakeHubServer
 
@@ -19,14 +18,6 @@ from memtrain.train import load_training_dataset, main
 def answer_length(completions, **kwargs):
     """A reward with spread even on a random model (test only): the final answer's length."""
     return [len(text) / 10 for text in completions]
-
-
-@pytest.fixture
-def tiny_checkpoint(tokenizer, tmp_path) -> Path:
-    path = tmp_path / "tiny-llama"
-    build_tiny_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -195,14 +195,9 @@ def test_search_agent_rollouts_train_one_row_per_turn(tiny_model, tokenizer, tmp
     assert any(not torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
 
 
-def test_kl_to_the_reference_model_is_a_loss_term_when_beta_is_set(tokenizer, documents, tmp_path):
+def test_kl_to_the_reference_model_is_a_loss_term_when_beta_is_set(tiny_checkpoint, tokenizer, documents, tmp_path):
     """Full fine-tuning with beta > 0: TRL's reference copy scores every row; the KL is logged (0 at step 1)."""
-    from conftest import build_tiny_model
-
-    checkpoint = tmp_path / "tiny"
-    build_tiny_model(tokenizer).save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
-    trainer = make_trainer(str(checkpoint), tokenizer, documents, tmp_path, max_steps=1, beta=0.04)
+    trainer = make_trainer(str(tiny_checkpoint), tokenizer, documents, tmp_path, max_steps=1, beta=0.04)
     assert trainer.ref_model is not None
     trainer.train()
     log = next(entry for entry in trainer.state.log_history if "reward" in entry)
