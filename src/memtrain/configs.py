@@ -179,7 +179,7 @@ def check_recipe_keys(
         )
 
 
-def _split_cli_overrides(argv: list[str], dataclass_types: Sequence[type]) -> None:
+def _check_cli_options(argv: list[str], dataclass_types: Sequence[type]) -> None:
     known = known_recipe_keys(dataclass_types)
     for arg in argv:
         if arg.startswith("--") and arg != "--config":
@@ -203,6 +203,6 @@ def parse_recipe_args(
         argv = ["--config", argv[0], *argv[1:]]
     if "--config" in argv:
         load_recipe(argv[argv.index("--config") + 1], dataclass_types)
-    _split_cli_overrides(argv, dataclass_types)
+    _check_cli_options(argv, dataclass_types)
     parser = TrlParser(tuple(dataclass_types))
     return parser.parse_args_and_config(argv)

@@ -296,7 +296,6 @@ class MemTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         n_local = len(batch)
-        doc_ids = [str(row.get("id", i)) for i, row in enumerate(batch)]
         start = time.perf_counter()
         if self.search_agent is not None:
             trajectories = self.search_agent.rollout(batch, n=1)
@@ -305,7 +304,7 @@ class MemTrainer(GRPOTrainer):
                 [row["context"] for row in batch],
                 [row["prompt"] for row in batch],
                 n=1,
-                doc_ids=doc_ids,
+                doc_ids=[str(row.get("id", i)) for i, row in enumerate(batch)],
                 sampling=SamplingConfig(max_new_tokens=self.agent_config.max_memory_tokens),
             )
 
