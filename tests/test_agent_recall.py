@@ -7,7 +7,7 @@ import random
 import pytest
 
 from memtrain.agent.prompts import TARGET_TOKEN
-from memtrain.agent.recall import build_recall_probes, choose_probe_positions
+from memtrain.agent.recall import build_recall_probes, choose_probe_positions, touches_chunk_edge
 from memtrain.agent.trajectory import Trajectory
 
 
@@ -73,3 +73,11 @@ def test_ner_runs_once_per_distinct_chunk():
     chunks = ["Teutberga married Lothair II.", "Lambert was margrave of Tuscany."]
     build_recall_probes([_trajectory(chunks)] * 8, counting_finder, _masker, "any", seed=0)
     assert sorted(seen) == sorted(set(seen))
+
+
+def test_an_entity_cut_by_the_chunk_edge_is_never_the_answer():
+    assert touches_chunk_edge("  Lothair II married Teutberga", "Lothair II")
+    assert touches_chunk_edge("The sets were designed by Manuel Fontan", "Manuel Fontan")  # cut mid-word
+    assert not touches_chunk_edge("Teutberga married Lothair II.", "Lothair II")
+    chunks = ["Tuscany was ruled by Lambert and Lothair II"]  # both known entities touch an edge
+    assert build_recall_probes([_trajectory(chunks)], _finder, _masker, "any", seed=0) == [None]

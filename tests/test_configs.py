@@ -82,3 +82,12 @@ def test_reward_weights_must_match_reward_funcs(recipe_path):
 
 def test_check_recipe_keys_accepts_env_block():
     check_recipe_keys({"env": {"TOKENIZERS_PARALLELISM": "false"}, "chunk_size": 5})
+
+
+def test_small_model_settings_are_checked(recipe_path):
+    with pytest.raises(ValueError, match="recall_metric must be one of exact, f1"):
+        parse_recipe_args([str(recipe_path), "--recall_metric", "contains"])
+    with pytest.raises(ValueError, match="warm_start_epochs >= 1"):
+        parse_recipe_args([str(recipe_path), "--warm_start_examples", "8", "--warm_start_epochs", "0"])
+    *_, training_args, _ = parse_recipe_args([str(recipe_path), "--warm_start_examples", "8", "--recall_metric", "f1"])
+    assert training_args.warm_start_examples == 8 and training_args.recall_metric == "f1"

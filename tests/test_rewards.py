@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from memtrain import rewards
-from memtrain.rewards import REWARD_FUNCS, get_reward_funcs, recall_em, register_reward
+from memtrain.rewards import REWARD_FUNCS, get_reward_funcs, recall_em, recall_score, register_reward
 
 
 def chat(text: str) -> list[dict[str, str]]:
@@ -91,6 +91,17 @@ def test_recall_em_scores_one_answer():
     assert recall_em(r"\boxed{ london }", "London") == 1.0
     assert recall_em("London", "London") == 0.0
     assert recall_em("London", "London", lenient=True) == 1.0
+
+
+def test_recall_f1_gives_partial_credit_to_a_sentence_that_contains_the_entity():
+    assert recall_score(r"\boxed{Manuel Fontanals}", "Manuel Fontanals", "f1") == 1.0
+    # lenient: first line "The sets were designed by Manuel Fontanals" -> 2 of 6 tokens (SQuAD drops "the")
+    sentence = "The sets were designed by Manuel Fontanals\nin 1950."
+    assert recall_score(sentence, "Manuel Fontanals", "f1", lenient=True) == pytest.approx(2 * (2 / 6) / (2 / 6 + 1))
+    assert recall_score(sentence, "Manuel Fontanals", "exact", lenient=True) == 0.0
+    assert recall_score(sentence, "Manuel Fontanals", "f1") == 0.0  # strict: no box, no answer
+    with pytest.raises(ValueError, match="Unknown recall metric 'bleu'"):
+        recall_score("x", "x", "bleu")
 
 
 def test_bad_batches_are_clear_errors():

@@ -19,6 +19,7 @@ import yaml
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 from memtrain.agent.memory_agent import AgentConfig
+from memtrain.rewards import RECALL_METRICS
 
 
 @dataclass
@@ -57,6 +58,13 @@ class MemTrainConfig(GRPOConfig):
             "final-answer reward. A small-model setting, not the paper's strict boxed exact match."
         },
     )
+    recall_metric: str = field(
+        default="exact",
+        metadata={
+            "help": "How a recall answer is scored: `exact` (the paper's masked-entity exact match) or `f1` (SQuAD "
+            "token F1: partial credit for an answer that contains the entity; a small-model shaping reward)."
+        },
+    )
     recall_samples: int = field(
         default=8, metadata={"help": "G2: answers sampled for each rollout's intermediate-memory recall probe."}
     )
@@ -71,6 +79,15 @@ class MemTrainConfig(GRPOConfig):
         default=True,
         metadata={"help": "Train on the recall answers (their own G2 groups). Off: recall only feeds the reward."},
     )
+    warm_start_examples: int = field(
+        default=0,
+        metadata={
+            "help": "Small models: before GRPO, fine-tune on this many self-supervised recall and memory-update turns "
+            "(memtrain.warm_start) so recall rewards are not all zero. 0 (the paper): no warm start."
+        },
+    )
+    warm_start_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of the warm start."})
+    warm_start_epochs: int = field(default=1, metadata={"help": "Passes over the warm-start examples."})
     agent_type: str = field(
         default="memory",
         metadata={
@@ -121,6 +138,8 @@ class MemTrainConfig(GRPOConfig):
             raise ValueError("agent_type `search` needs `retriever:` (a passage corpus or a retriever service URL).")
         if self.recall_chunk_policy not in {"any", "latest"}:
             raise ValueError(f"recall_chunk_policy must be `any` or `latest`, got {self.recall_chunk_policy!r}.")
+        if self.recall_metric not in RECALL_METRICS:
+            raise ValueError(f"recall_metric must be one of {', '.join(RECALL_METRICS)}, got {self.recall_metric!r}.")
         if self.loss_aggregation not in {"token_mean", "conversation_mean"}:
             raise ValueError(
                 f"loss_aggregation must be `token_mean` or `conversation_mean`, got {self.loss_aggregation!r}."
@@ -130,6 +149,13 @@ class MemTrainConfig(GRPOConfig):
                 f"reward_weights has {len(self.reward_weights)} values but reward_funcs names "
                 f"{len(self.reward_funcs)} functions ({self.reward_funcs}); give one weight per function."
             )
+        if self.warm_start_examples < 0 or self.warm_start_epochs < 1 or self.warm_start_learning_rate <= 0:
+            raise ValueError(
+                "Need warm_start_examples >= 0, warm_start_epochs >= 1 and warm_start_learning_rate > 0, got "
+                f"{self.warm_start_examples}, {self.warm_start_epochs}, {self.warm_start_learning_rate}."
+            )
+        if self.warm_start_examples and self.agent_type != "memory":
+            raise ValueError("warm_start_examples applies to the memory agent (agent_type: memory) only.")
         if self.max_tokens_per_microbatch < 1:
             raise ValueError("max_tokens_per_microbatch must be positive.")
 

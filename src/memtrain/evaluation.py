@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.metrics import exact_match, extract_answer, f1_score, masked_entity_match, substring_match
+from memtrain.rewards import recall_score
 
 
 TASKS = ("longqa", "memtrain", "search")
@@ -61,6 +62,7 @@ def score_prediction(task: str, text: str, answers: Sequence[str], extraction: s
         return {
             "masked_entity_strict": float(masked_entity_match(text, answers)),
             "masked_entity_lenient": float(masked_entity_match(text, answers, lenient=True)),
+            "masked_entity_f1": f1_score(extract_answer(text, "lenient"), answers),
         }
     if task in ("longqa", "search"):
         prediction = extract_answer(text, extraction)
@@ -375,6 +377,7 @@ class Evaluator:
             scores[probe.trajectory_index] = {
                 "recall_strict": _mean([float(masked_entity_match(t, probe.entity)) for t in texts]),
                 "recall_lenient": _mean([float(masked_entity_match(t, probe.entity, lenient=True)) for t in texts]),
+                "recall_f1": _mean([recall_score(t, probe.entity, "f1", lenient=True) for t in texts]),
             }
         return scores
 

@@ -36,6 +36,8 @@ __all__ = [
     "register_reward",
     "get_reward_funcs",
     "recall_em",
+    "recall_score",
+    "RECALL_METRICS",
     "completion_text",
 ]
 
@@ -102,6 +104,24 @@ def _import_reward(path: str) -> RewardFunc:
 def recall_em(prediction_text: str, gold: str | Sequence[str], lenient: bool = False) -> float:
     """Score one memory-recall answer (the trainer calls this for each of the G2 answers): the paper's boxed EM."""
     return float(masked_entity_match(prediction_text, gold, lenient=lenient))
+
+
+RECALL_METRICS = ("exact", "f1")
+
+
+def recall_score(
+    prediction_text: str, gold: str | Sequence[str], metric: str = "exact", lenient: bool = False
+) -> float:
+    """Score one recall answer: ``exact`` is the paper's masked-entity EM, ``f1`` SQuAD token F1 of the answer.
+
+    ``f1`` is a small-model shaping reward: a sentence that contains the entity earns partial credit (more the
+    shorter it is), so a group of a model that answers in sentences still has reward spread for GRPO to learn from.
+    """
+    if metric == "exact":
+        return recall_em(prediction_text, gold, lenient=lenient)
+    if metric == "f1":
+        return f1_score(extract_answer(prediction_text, "lenient" if lenient else "strict"), gold)
+    raise ValueError(f"Unknown recall metric {metric!r}; use one of {', '.join(RECALL_METRICS)}.")
 
 
 def completion_text(completion: Any, index: int = 0) -> str:

@@ -83,6 +83,15 @@ def train(
     model, tokenizer = load_from_model_config(model_args, peft_config=None, adapter_is_trainable=True)
     peft_config = None if hasattr(model, "peft_config") else get_peft_config(model_args)
 
+    checkpoint = training_args.resume_from_checkpoint
+    if training_args.warm_start_examples and checkpoint is None:
+        if peft_config is not None:
+            raise ValueError(
+                "warm_start_examples fine-tunes the full model before GRPO; set use_peft: false, or warm start "
+                "without LoRA first and train the adapters from that checkpoint."
+            )
+        run_warm_start(model, tokenizer, train_dataset, agent_config, training_args)
+
     trainer = MemTrainer(
         model=model,
         args=training_args,
@@ -92,7 +101,6 @@ def train(
         peft_config=peft_config,
     )
 
-    checkpoint = training_args.resume_from_checkpoint
     if checkpoint in {"last", "latest"} or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
         checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
         if checkpoint is None:
@@ -115,6 +123,30 @@ def train(
     if push_to_hub:
         push_trained_model(trainer, training_args, model_args, script_args, recipe, metrics)
     return metrics
+
+
+def run_warm_start(model, tokenizer, train_dataset: Dataset, agent_config: AgentConfig, args: MemTrainConfig) -> None:
+    """The small-model supervised warm start (memtrain.warm_start) on the training documents, before GRPO."""
+    from memtrain.agent.generation import SamplingConfig, TransformersGenerator
+    from memtrain.agent.memory_agent import MemoryAgent
+    from memtrain.trainer import default_entity_tools
+    from memtrain.warm_start import build_warm_start_examples, warm_start
+
+    agent = MemoryAgent(tokenizer, TransformersGenerator(model, tokenizer, SamplingConfig()), agent_config)
+    examples = build_warm_start_examples(
+        train_dataset["context"], train_dataset["prompt"], agent, *default_entity_tools(),
+        num_examples=args.warm_start_examples, seed=args.seed,
+    )  # fmt: skip
+    logger.info("Warm start: %d examples, %d epoch(s), lr %g", len(examples), args.warm_start_epochs,
+                args.warm_start_learning_rate)  # fmt: skip
+    losses = warm_start(
+        model, examples, args.warm_start_learning_rate, epochs=args.warm_start_epochs,
+        pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed,
+    )  # fmt: skip
+    if losses:
+        logger.info("Warm start loss: first batch %.3f, last batch %.3f", losses[0], losses[-1])
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.output_dir, "warm_start_losses.json").write_text(json.dumps(losses), encoding="utf-8")
 
 
 def push_trained_model(trainer, training_args, model_args, script_args, recipe, metrics) -> str | None:

@@ -38,7 +38,7 @@ from memtrain.grpo import (
     group_advantages,
     pack_micro_batches,
 )
-from memtrain.rewards import get_reward_funcs, recall_em
+from memtrain.rewards import get_reward_funcs, recall_score
 
 
 class TrainerGenerator:
@@ -288,7 +288,8 @@ class MemTrainer(GRPOTrainer):
                 continue
             block = output.completion_ids[live_index * g2 : (live_index + 1) * g2]
             texts = tokenizer.batch_decode(block, skip_special_tokens=True)
-            scores.append([recall_em(text, probe.entity, lenient=self.args.lenient_recall) for text in texts])
+            metric, lenient = self.args.recall_metric, self.args.lenient_recall
+            scores.append([recall_score(text, probe.entity, metric, lenient) for text in texts])
             live_index += 1
         return scores, output, prompts
 

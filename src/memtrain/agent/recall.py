@@ -3,6 +3,9 @@
 After a rollout, pick a memory ``m_k`` that has read at least one chunk and a chunk ``c_l`` it HAS read (``l <= k``),
 mask one entity of ``c_l`` with ``[TARGET]``, and ask the model to name it from ``m_k`` alone. Unlike the reference
 code, the first chunk is eligible and a chunk the memory has not read yet never is.
+
+Chunks are cut at token boundaries, so a chunk may begin or end inside a word ("...designed by Manuel Fontan").
+An entity at the very start or end of a chunk may be such a fragment, so it is never a probe's answer.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ def choose_probe_positions(num_chunks: int, policy: str, rng: random.Random) -> 
     return pairs
 
 
+def touches_chunk_edge(chunk: str, entity: str) -> bool:
+    """True when ``entity`` opens or closes ``chunk`` (whitespace aside): it may be a word cut by chunking."""
+    text = chunk.strip()
+    return text.startswith(entity) or text.endswith(entity)
+
+
 def build_recall_probes(
     trajectories: list[Trajectory],
     find_entities: EntityFinder,
@@ -65,10 +74,11 @@ def build_recall_probes(
     for i, (trajectory, plan) in enumerate(zip(trajectories, plans)):
         probe = None
         for k, chunk in plan:
-            candidates = entities.get(trajectory.chunks[chunk - 1]) or []
+            text = trajectory.chunks[chunk - 1]
+            candidates = [e for e in entities.get(text) or [] if not touches_chunk_edge(text, e)]
             if candidates:
                 entity = rng.choice(sorted(candidates))
-                masked = mask_entity(trajectory.chunks[chunk - 1], entity)
+                masked = mask_entity(text, entity)
                 if TARGET_TOKEN in masked:
                     probe = RecallProbe(i, k, chunk, entity, trajectory.memories[k], masked)
                     break
