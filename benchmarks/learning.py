@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", choices=sorted(OBJECTIVES), default=["memtrain", "end_to_end"])
     parser.add_argument("--recall-samples", type=int, default=4, help="evaluation answers per recall probe")
     parser.add_argument("--output-dir", default="outputs/benchmarks/learning")
+    parser.add_argument("--warm-start", help="a checkpoint already warm-started by this recipe: skips the warm start")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -84,8 +85,11 @@ def main() -> None:
 
     # 1. The warm start alone (0 GRPO steps): the common starting point.
     start = time.perf_counter()
-    warm = warm_start_checkpoint(args.recipe, train_rows, out / "warm-start")
-    timings["warm start"] = time.perf_counter() - start
+    if args.warm_start:
+        warm = Path(args.warm_start)
+    else:
+        warm = warm_start_checkpoint(args.recipe, train_rows, out / "warm-start")
+        timings["warm start"] = time.perf_counter() - start
     start = time.perf_counter()
     before = evaluate_held_out(str(warm), held_out, agent_config, settings, out / "eval", "warm start (before)")
     timings["evaluation (each)"] = time.perf_counter() - start

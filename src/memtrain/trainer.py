@@ -498,7 +498,7 @@ class MemTrainer(GRPOTrainer):
         if entropies is not None:
             metrics["entropy"].append(float((entropies * mask).sum() / tokens))
         if kl is not None:
-            metrics["kl"].append(float((kl * mask).sum() / tokens))
+            metrics["kl"].append(float((kl.detach() * mask).sum() / tokens))
         ratio = torch.exp(logps.detach() - old)
         advantages = batch["advantages"].unsqueeze(1)
         clipped = ((ratio < 1 - self.epsilon_low) & (advantages < 0)) | (

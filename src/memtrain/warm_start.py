@@ -1,8 +1,8 @@
 """A supervised warm start on the recall and memory-update turns, for models too small to answer recall probes.
 
 GRPO learns only from groups whose rewards differ. SmolLM2-135M-Instruct never answers a recall probe right, even
-with a perfect memory (0% exact match over every prompt wording tried, benchmarks/reward_signal.py), so every group
-is all-zero and MemTrain has nothing to learn from. The warm start teaches the turn FORMATS from the same
+with a perfect memory (0% exact match when sampled, benchmarks/reward_signal.py), so nearly every group is
+all-zero and MemTrain has nothing to learn from. The warm start teaches the turn FORMATS from the same
 self-supervised signal MemTrain uses, with no labels: a chunk's first ``max_memory_tokens`` tokens stand in for a
 perfect memory; a recall turn masks an entity of that memory in the chunk with ``[TARGET]`` and learns the reply
 ``\\boxed{entity}``; an update turn learns to keep that plain copy as its memory. What a good memory keeps beyond
