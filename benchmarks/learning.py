@@ -12,7 +12,7 @@ SmolLM2-135M on CPU with the `smollm2-135m` recipe (a small-model setting, see t
 
     python scripts/build_dataset.py recipes/data/memtrain-wiki-cpu.yaml
     python benchmarks/learning.py --steps 6 --seeds 0          # ~45 min on 2 CPU cores
-    python benchmarks/learning.py --steps 10 --seeds 0 1 2     # tighter intervals, ~3 h
+    python benchmarks/learning.py --steps 6 --seeds 0 1 2 --held-out 96     # tighter intervals, ~2.5 h
 
 Prints a table and writes ``results.json`` under ``--output-dir``; benchmarks/README.md keeps the measured figures.
 """
@@ -43,7 +43,8 @@ from memtrain.demo import (
 
 OBJECTIVES = {
     "memtrain": None,  # the recipe's own reward_funcs / reward_weights
-    "end_to_end": {"reward_funcs": ["answer_f1_lenient"], "reward_weights": [1.0]},
+    # the final-answer reward alone: no recall reward AND no training on recall answers (their own GRPO groups)
+    "end_to_end": {"reward_funcs": ["answer_f1_lenient"], "reward_weights": [1.0], "train_recall_answers": False},
 }
 
 
