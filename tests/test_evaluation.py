@@ -56,13 +56,16 @@ def test_score_prediction_memtrain_strict_and_lenient():
     assert score_prediction("memtrain", "\\boxed{the beatles}", ["The Beatles"]) == {
         "masked_entity_strict": 1.0,
         "masked_entity_lenient": 1.0,
+        "masked_entity_f1": 1.0,
     }
     # not boxed: only the lenient rule accepts it; "Beatles" (article dropped) is wrong under both
     assert score_prediction("memtrain", "The Beatles", ["The Beatles"]) == {
         "masked_entity_strict": 0.0,
         "masked_entity_lenient": 1.0,
+        "masked_entity_f1": 1.0,
     }
-    assert score_prediction("memtrain", "\\boxed{Beatles}", ["The Beatles"])["masked_entity_lenient"] == 0.0
+    beatles = score_prediction("memtrain", "\\boxed{Beatles}", ["The Beatles"])
+    assert beatles["masked_entity_lenient"] == 0.0 and beatles["masked_entity_f1"] == 1.0  # F1 drops the article
     with pytest.raises(ValueError, match="Unknown task"):
         score_prediction("nope", "x", ["x"])
 
