@@ -53,13 +53,13 @@ def _turn_end(tokenizer) -> str:
     return text.split(_SENTINEL)[-1].rstrip()
 
 
-def _reply_ids(tokenizer, reply: str) -> list[int]:
+def _reply_ids(tokenizer, reply: str, turn_end: str) -> list[int]:
     """The reply's tokens as generated after the generation prompt, closed by the template's end-of-turn marker.
 
     Tokenised on its own rather than cut out of a rendered chat: a reply that starts with a newline would merge with
     the header's newline into one token, and the prompt would no longer be a prefix of the chat.
     """
-    return tokenizer.encode(reply.strip() + _turn_end(tokenizer), add_special_tokens=False)
+    return tokenizer.encode(reply.strip() + turn_end, add_special_tokens=False)
 
 
 def build_warm_start_examples(
@@ -81,6 +81,7 @@ def build_warm_start_examples(
         return []
     rng = random.Random(seed)
     tokenizer = agent.tokenizer
+    turn_end = _turn_end(tokenizer)
     budget = agent.config.max_memory_tokens
     order = list(range(len(contexts)))
     rng.shuffle(order)
@@ -100,7 +101,7 @@ def build_warm_start_examples(
             if len(update) < want_update and rng.random() < 0.5:
                 previous = agent.config.no_memory_text if position == 0 else copies[k - 1]
                 user_text = agent.templates.render_update(problems[index], previous, chunk)
-                update.append(_example(agent, user_text, memory, ""))
+                update.append(_example(agent, user_text, memory, "", turn_end))
                 continue
             candidates = sorted(e for e in entities if not touches_chunk_edge(memory, e) and e in chunk)
             if len(recall) >= want_recall or not candidates:
@@ -109,7 +110,7 @@ def build_warm_start_examples(
             masked = mask_entity(chunk, entity)
             if TARGET_TOKEN in masked:
                 user_text = agent.templates.render_recall(memory, masked)
-                recall.append(_example(agent, user_text, f"\\boxed{{{entity}}}", entity))
+                recall.append(_example(agent, user_text, f"\\boxed{{{entity}}}", entity, turn_end))
         if len(recall) >= want_recall and len(update) >= want_update:
             break
     examples = [e for pair in zip(recall, update) for e in pair] + recall[len(update) :] + update[len(recall) :]
@@ -118,8 +119,8 @@ def build_warm_start_examples(
     return examples[:num_examples]
 
 
-def _example(agent: MemoryAgent, user_text: str, reply: str, entity: str) -> WarmStartExample:
-    return WarmStartExample(agent.encode_chat(user_text), _reply_ids(agent.tokenizer, reply), entity)
+def _example(agent: MemoryAgent, user_text: str, reply: str, entity: str, turn_end: str) -> WarmStartExample:
+    return WarmStartExample(agent.encode_chat(user_text), _reply_ids(agent.tokenizer, reply, turn_end), entity)
 
 
 def warm_start(
