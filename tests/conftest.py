@@ -84,6 +84,22 @@ def tiny_checkpoint(tmp_path, tokenizer) -> Path:
     return save_tiny_checkpoint(tokenizer, tmp_path / "tiny-checkpoint")
 
 
+def save_built_documents(folder: Path, num_documents: int, corpus_limit: int, seed: int) -> Path:
+    """MemTrain documents built (BM25, 1 neighbour, 1 random paragraph) from the shipped sample, saved to disk."""
+    from datasets import Dataset
+
+    from memtrain.data.corpus import builtin_corpus_path, load_corpus
+    from memtrain.data.documents import DocumentBuilderConfig, build_documents
+
+    corpus = load_corpus(str(builtin_corpus_path("wiki-sample")), limit=corpus_limit)
+    config = DocumentBuilderConfig(
+        num_documents=num_documents, num_neighbours=1, num_random=1, neighbour_method="bm25", seed=seed,
+        show_progress=False,
+    )  # fmt: skip
+    Dataset.from_list(build_documents(corpus.paragraphs, config).rows).save_to_disk(str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
+from conftest import save_built_documents
 from datasets import Dataset
 
 from memtrain.demo import (
@@ -18,17 +20,8 @@ from memtrain.demo import (
 
 
 @pytest.fixture
-def documents(tmp_path):
-    from memtrain.data.corpus import builtin_corpus_path, load_corpus
-    from memtrain.data.documents import DocumentBuilderConfig, build_documents
-
-    corpus = load_corpus(str(builtin_corpus_path("wiki-sample")), limit=300)
-    config = DocumentBuilderConfig(
-        num_documents=5, num_neighbours=1, num_random=1, neighbour_method="bm25", seed=2, show_progress=False
-    )
-    path = tmp_path / "documents"
-    Dataset.from_list(build_documents(corpus.paragraphs, config).rows).save_to_disk(str(path))
-    return path
+def documents(tmp_path) -> Path:
+    return save_built_documents(tmp_path / "documents", num_documents=5, corpus_limit=300, seed=2)
 
 
 def test_held_out_rows_are_the_last_ones_and_bad_sizes_are_refused():

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import save_built_documents
 from datasets import Dataset
 from test_hub import FakeHubServer
 
@@ -22,16 +23,7 @@ def answer_length(completions, **kwargs):
 
 @pytest.fixture
 def built_documents(tmp_path) -> Path:
-    from memtrain.data.corpus import builtin_corpus_path, load_corpus
-    from memtrain.data.documents import DocumentBuilderConfig, build_documents
-
-    corpus = load_corpus(str(builtin_corpus_path("wiki-sample")), limit=200)
-    config = DocumentBuilderConfig(
-        num_documents=2, num_neighbours=1, num_random=1, neighbour_method="bm25", seed=1, show_progress=False
-    )
-    path = tmp_path / "docs"
-    Dataset.from_list(build_documents(corpus.paragraphs, config).rows).save_to_disk(str(path))
-    return path
+    return save_built_documents(tmp_path / "docs", num_documents=2, corpus_limit=200, seed=1)
 
 
 def test_recipe_trains_a_lora_adapter_and_pushes_it_with_a_card(
