@@ -11,8 +11,9 @@ SmolLM2-135M on CPU with the `smollm2-135m` recipe (a small-model setting, see t
    held-out documents.
 
     python scripts/build_dataset.py recipes/data/memtrain-wiki-cpu.yaml
-    python benchmarks/learning.py --steps 6 --seeds 0          # ~45 min on 2 CPU cores
-    python benchmarks/learning.py --steps 6 --seeds 0 1 2 --held-out 96     # tighter intervals, ~2.5 h
+    python benchmarks/learning.py                               # 96 documents, 8 steps, seed 0: ~75 min, 2 cores
+    python benchmarks/learning.py --seeds 0 1 2                 # tighter intervals, ~3 h
+    python benchmarks/learning.py --held-out 48 --recall-samples 4 --steps 6   # a quicker look, ~45 min
 
 Prints a table and writes ``results.json`` under ``--output-dir``; benchmarks/README.md keeps the measured figures.
 """
@@ -64,11 +65,15 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/smollm2-135m.yaml")
     parser.add_argument("--data-recipe", default="recipes/data/memtrain-wiki-cpu.yaml")
     parser.add_argument("--dataset", default="outputs/data/memtrain-wiki-cpu/dataset")
-    parser.add_argument("--held-out", type=int, default=48, help="last rows of the dataset, never trained on")
-    parser.add_argument("--steps", type=int, default=6, help="GRPO steps per arm and seed")
+    parser.add_argument(
+        "--held-out", type=int, default=96, help="last rows of the dataset, never trained on (nor warm-started on)"
+    )
+    parser.add_argument("--steps", type=int, default=8, help="GRPO steps per arm and seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--objectives", nargs="+", choices=sorted(OBJECTIVES), default=["memtrain", "end_to_end"])
-    parser.add_argument("--recall-samples", type=int, default=4, help="evaluation answers per recall probe")
+    parser.add_argument(
+        "--recall-samples", type=int, default=16, help="evaluation answers per recall probe (fewer: noisier gains)"
+    )
     parser.add_argument("--output-dir", default="outputs/benchmarks/learning")
     parser.add_argument("--warm-start", help="a checkpoint already warm-started by this recipe: skips the warm start")
     args = parser.parse_args()
