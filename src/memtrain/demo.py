@@ -163,6 +163,7 @@ def save_reward_curves(history: Sequence[dict[str, Any]], path: str | Path) -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k in ("reward", "recall_accuracy", "final_accuracy") if any(k in h for h in history)]
     keys += sorted({k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")})
@@ -172,7 +173,10 @@ def save_reward_curves(history: Sequence[dict[str, Any]], path: str | Path) -> P
     for key in keys:
         points = [(h["step"], float(h[key])) for h in history if key in h and "step" in h]
         if points:
-            ax.plot(*zip(*points), marker="o", label=key)
+            # accuracies often equal a reward term (binary rewards): dashed on top, so neither line hides the other
+            style = {"linestyle": "--", "marker": "x", "zorder": 3} if key.endswith("_accuracy") else {"marker": "o"}
+            ax.plot(*zip(*points), label=key, **style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean over the step's rollouts")
     ax.set_title("MemTrain training rewards")
