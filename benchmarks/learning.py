@@ -80,6 +80,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     out = Path(args.output_dir)
+    if args.warm_start and out.resolve() in Path(args.warm_start).resolve().parents:
+        parser.error(
+            f"--warm-start {args.warm_start} is inside --output-dir {out}, which is cleared first: pass another"
+        )
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
