@@ -7,20 +7,26 @@ entity when its text occurs verbatim in the paragraph, fewer than ``max_occurren
 for entities that start and end with a word character and also works for ones ending in punctuation ("Inc.").
 
 Leak-free masking policy. The reference code replaces case-sensitive ``\\b``-bounded matches only, which leaves the
-answer readable in other casings ("PARIS"), across line breaks, or with typographic apostrophes. Here:
+answer readable in other casings ("PARIS"), across line breaks, or with typographic apostrophes. Here a LEAK is any
+span of whole words that equals the answer after the normalisation the answer metrics use
+(:func:`memtrain.metrics.normalize_answer`: case, punctuation and quotes, the articles a/an/the, and whitespace,
+which the paper's match removes) plus accents, and plural/possessive forms (``s``/``es``/``'s``; answers of 4+
+characters only). So "War Office" leaks "The War Office", "Tom '' Robinson" leaks "Tom Robinson", "North Korean
+troops" leaks "North Koreans", "Zurich" leaks "Zürich". Masking then goes:
 
-1. Matching is case-insensitive and tolerant: any whitespace run in the entity matches any whitespace run,
-   apostrophes match ``' ’ ʼ```, and dashes match any dash with optional surrounding spaces ("Jean - Paul").
-2. Every whole-word match is replaced by the token. Possessives and longer names that contain the entity are
-   handled by this: "Paris's" becomes "[MASK]'s", "Lothair II" becomes "[MASK] II".
-3. The result is then searched for the entity again WITHOUT word boundaries. Any hit left is an occurrence inside
-   a longer word ("Parisian" for "Paris", "1911" for "11", "Document 11:" headers): the entity is rejected
-   (:class:`EntityLeakError`, reason ``embedded``) rather than masking half a word, and the caller tries another.
-   Entities that the token itself contains (e.g. "Mask" for ``[MASK]``) are rejected up front (``in_token``).
+1. Case-insensitive, tolerant match: any whitespace run in the entity matches any whitespace run, apostrophes
+   match ``' ’ ʼ```, dashes match any dash with optional surrounding spaces ("Jean - Paul"). Every whole-word match
+   is replaced by the token: "Paris's" becomes "[MASK]'s", "Lothair II" becomes "[MASK] II".
+2. Every remaining leak (the normalised forms above) is masked too, a possessive "'s" kept outside the token.
+3. Rejections (:class:`EntityLeakError`, counted by the document builder, the caller tries another entity):
+   ``common_word``: the entity has capitals and a one-word match is all lower case ("we may go" for "May", "told
+   us" for "US", "will act" for "Will"): masking would hide an ordinary word and leaving it would leak the answer, so the
+   entity is dropped. ``embedded``: the entity is still found inside a longer word after masking ("Parisian" for
+   "Paris", "1911" for "11"), which would need half a word masked. ``in_token``: the token itself contains the
+   entity ("Mask" in ``[MASK]``). ``no_content``: the entity normalises to nothing ("The").
 
-So after a successful mask, a case-insensitive search of the text for the answer finds nothing. Dropped entities
-are counted by the document builder. Not handled (documented limits): spelling variants that differ by more than
-case, whitespace, apostrophes or dashes (accents, abbreviations, "the" + name versus name alone).
+So after a successful mask, :func:`find_leaks` finds nothing: neither a case-insensitive search nor a normalised
+one. Not handled (documented limits): abbreviations, translations, other inflections ("Korea" for "Korean").
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ import logging
 import os
 import random
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from memtrain.agent.prompts import MASK_TOKEN, TARGET_TOKEN
+from memtrain.metrics import normalize_answer
 
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,8 @@ __all__ = [
     "TARGET_TOKEN",
     "count_whole_word",
     "find_leaks",
+    "find_variant_leaks",
+    "normalise_for_leaks",
     "load_spacy_model",
     "mask_entity_in_text",
     "mask_entity_in_texts",
@@ -75,7 +85,7 @@ class Entity:
 
 
 class EntityLeakError(ValueError):
-    """Masking ``entity`` would leave it findable in the text; ``reason`` is ``embedded`` or ``in_token``."""
+    """Masking ``entity`` would leave it findable or hide other words; ``reason`` names the guard (module docs)."""
 
     def __init__(self, entity: str, reason: str, message: str) -> None:
         super().__init__(message)
@@ -225,12 +235,102 @@ def _leak_pattern(entity: str) -> re.Pattern[str]:
     return re.compile(_loose(entity), re.IGNORECASE)
 
 
+_PLACEHOLDERS = (MASK_TOKEN, TARGET_TOKEN)
+_BREAK = "\0"  # a normalised "word" that matches nothing: placeholders break any leak running through them
+_WORD = re.compile(r"\S+")
+_POSSESSIVE = re.compile(rf"[{_APOSTROPHES}]s$", re.IGNORECASE)
+_MIN_INFLECTED = 4  # plural/possessive forms only for answers of >= 4 normalised characters ("us" is not "u")
+
+
+def normalise_for_leaks(text: str) -> str:
+    """The answer metrics' normalisation (:func:`memtrain.metrics.normalize_answer`), plus accents, any Unicode
+    punctuation or symbol, and no whitespace (the paper's match removes it): "The Tom '' Robinson" -> "tomrobinson"."""
+    decomposed = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    words = (normalize_answer(word) for word in decomposed.split())
+    return "".join(ch for word in words for ch in word if ch.isalnum())
+
+
+@lru_cache(maxsize=1 << 16)
+def _normalised_words(text: str) -> tuple[tuple[str, int, int], ...]:
+    """(normalised word, start, end) of each whitespace word of ``text`` that is not empty once normalised."""
+    out = []
+    for match in _WORD.finditer(text):
+        word = match.group()
+        norm = _BREAK if any(token in word for token in _PLACEHOLDERS) else normalise_for_leaks(word)
+        if norm:
+            out.append((norm, match.start(), match.end()))
+    return tuple(out)
+
+
+def _core(text: str, start: int, end: int) -> tuple[int, int]:
+    """Trim a word span to its first and last letter or digit: "(Paris)," -> "Paris"."""
+    while start < end and not text[start].isalnum():
+        start += 1
+    while end > start and not text[end - 1].isalnum():
+        end -= 1
+    return start, end
+
+
+@lru_cache(maxsize=4096)
+def _leak_targets(answer: str) -> dict[str, bool]:
+    """Normalised forms that leak ``answer``, each mapped to whether it is the answer plus an ``s``/``es`` suffix."""
+    base = normalise_for_leaks(answer)
+    if not base:
+        return {}
+    targets = {base: False}
+    if len(base) >= _MIN_INFLECTED:
+        targets.update({base + "s": True, base + "es": True})
+        if base.endswith("s"):
+            targets.setdefault(base[:-1], False)
+        if base.endswith("es"):
+            targets.setdefault(base[:-2], False)
+    return targets
+
+
+def find_variant_leaks(text: str, answer: str) -> list[tuple[int, int]]:
+    """Spans of whole words of ``text`` equal to ``answer`` under :func:`normalise_for_leaks`, plurals/possessives
+    included (module docs); a possessive ``'s`` is left outside the span. Longest match first, no overlaps."""
+    targets = _leak_targets(answer.strip())
+    if not targets:
+        return []
+    longest = max(map(len, targets))
+    first = next(iter(targets))[0]
+    words = _normalised_words(text)
+    spans: list[tuple[int, int]] = []
+    i = 0
+    while i < len(words):
+        if words[i][0][0] != first:
+            i += 1
+            continue
+        concat, best = "", None
+        for j in range(i, len(words)):
+            concat += words[j][0]
+            if len(concat) > longest or not any(t.startswith(concat) for t in targets):
+                break
+            if concat in targets:
+                best = (j, targets[concat])
+        if best is None:
+            i += 1
+            continue
+        j, inflected = best
+        start, _ = _core(text, words[i][1], words[i][2])
+        _, end = _core(text, words[j][1], words[j][2])
+        if inflected and _POSSESSIVE.search(text[start:end]):
+            end -= 2
+        spans.append((start, end))
+        i = j + 1
+    return spans
+
+
 def find_leaks(text: str, answer: str) -> list[tuple[int, int]]:
-    """Spans where ``answer`` can still be read in ``text``: a case-insensitive search, no word boundaries."""
+    """Spans where ``answer`` can still be read in ``text``: a case-insensitive search without word boundaries
+    (also inside longer words), and the normalised whole-word forms of :func:`find_variant_leaks`."""
     answer = answer.strip()
     if not answer:
         raise ValueError("Cannot search for an empty answer.")
-    return [m.span() for m in _leak_pattern(answer).finditer(text)]
+    spans = {m.span() for m in _leak_pattern(answer).finditer(text)}
+    spans.update(find_variant_leaks(text, answer))
+    return sorted(spans)
 
 
 def _check_token(entity: str, token: str) -> None:
@@ -238,29 +338,63 @@ def _check_token(entity: str, token: str) -> None:
         raise EntityLeakError(entity, "in_token", f"The entity {entity!r} is part of the mask token {token!r}.")
 
 
+def _is_common_word(entity: str, surface: str) -> bool:
+    """The entity has capitals and this one-word occurrence has none: "may" for "May", "us" for "US".
+
+    A lower-case run of several words ("jean-paul sartre") is still the name, not an ordinary word: it is masked."""
+    if entity == entity.lower() or surface != surface.lower() or not any(ch.isalpha() for ch in surface):
+        return False
+    return not any(ch.isspace() or ch in _DASHES for ch in surface)
+
+
+def _common_word_error(entity: str, surface: str, index: int) -> EntityLeakError:
+    return EntityLeakError(
+        entity,
+        "common_word",
+        f"{entity!r} also occurs as the ordinary word {surface!r} in text {index}: masking it would hide that word "
+        "and leaving it would leak the answer, so the entity is dropped.",
+    )
+
+
+def _mask_one(text: str, entity: str, token: str, index: int) -> tuple[str, int]:
+    pattern = _mask_pattern(entity)
+    for match in pattern.finditer(text):
+        if _is_common_word(entity, match.group()):
+            raise _common_word_error(entity, match.group(), index)
+    masked, count = pattern.subn(token, text)
+    hit = _leak_pattern(entity).search(masked)
+    if hit:
+        start, end = max(0, hit.start() - 30), min(len(masked), hit.end() + 30)
+        raise EntityLeakError(
+            entity,
+            "embedded",
+            f"{entity!r} still occurs inside a longer word in text {index} after masking: ...{masked[start:end]}...",
+        )
+    variants = find_variant_leaks(masked, entity)
+    for start, end in variants:
+        if _is_common_word(entity, masked[start:end]):
+            raise _common_word_error(entity, masked[start:end], index)
+    for start, end in reversed(variants):
+        masked = masked[:start] + token + masked[end:]
+    return masked, count + len(variants)
+
+
 def mask_entity_in_texts(texts: Sequence[str], entity: str, *, token: str = MASK_TOKEN) -> tuple[list[str], int]:
     """Mask ``entity`` in every text with ``token``; returns the texts and the number of masked occurrences.
 
-    Raises :class:`EntityLeakError` when the entity would still be findable in any text (see the module policy).
+    Raises :class:`EntityLeakError` when that cannot be done without a leak or without hiding other words (see the
+    module policy).
     """
     entity = entity.strip()
     if not entity:
         raise ValueError("Cannot mask an empty entity.")
     _check_token(entity, token)
-    pattern = _mask_pattern(entity)
-    leak = _leak_pattern(entity)
+    if not normalise_for_leaks(entity):
+        raise EntityLeakError(entity, "no_content", f"The entity {entity!r} normalises to nothing (an article?).")
     out: list[str] = []
     total = 0
     for i, text in enumerate(texts):
-        masked, count = pattern.subn(token, text)
-        hit = leak.search(masked)
-        if hit:
-            start, end = max(0, hit.start() - 30), min(len(masked), hit.end() + 30)
-            raise EntityLeakError(
-                entity,
-                "embedded",
-                f"{entity!r} still occurs inside a longer word in text {i} after masking: ...{masked[start:end]}...",
-            )
+        masked, count = _mask_one(text, entity, token, i)
         out.append(masked)
         total += count
     return out, total
