@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
 
 import pytest
 
 from memtrain.agent.prompts import TARGET_TOKEN
-from memtrain.agent.recall import build_recall_probes, choose_probe_positions, touches_chunk_edge
+from memtrain.agent.recall import (
+    build_recall_probes,
+    choose_probe_positions,
+    in_template_text,
+    probe_candidates,
+    touches_chunk_edge,
+)
 from memtrain.agent.trajectory import Trajectory
+
+
+def test_any_policy_picks_the_memory_uniformly_then_a_chunk_it_has_read():
+    # PAPER.md section 4: k uniform over the memories, then l uniform over 1..k; a uniform draw over (k, l) pairs
+    # would pick k = 8 22% of the time and k = 1 2.8%
+    rng = random.Random(0)
+    firsts = Counter(choose_probe_positions(8, "any", rng)[0] for _ in range(16_000))
+    per_k = Counter(k for k, _ in firsts.elements())
+    for k in range(1, 9):
+        assert abs(per_k[k] / 16_000 - 1 / 8) < 0.012, (k, per_k[k])
+    for chunk in range(1, 5):  # given k = 4, each read chunk equally often
+        assert abs(firsts[(4, chunk)] / per_k[4] - 1 / 4) < 0.05
 
 
 def test_any_policy_only_pairs_a_memory_with_chunks_it_has_read():
@@ -81,3 +101,44 @@ def test_an_entity_cut_by_the_chunk_edge_is_never_the_answer():
     assert not touches_chunk_edge("Teutberga married Lothair II.", "Lothair II")
     chunks = ["Tuscany was ruled by Lambert and Lothair II"]  # both known entities touch an edge
     assert build_recall_probes([_trajectory(chunks)], _finder, _masker, "any", seed=0) == [None]
+
+
+@pytest.fixture(scope="module")
+def spacy_tools():
+    from memtrain.trainer import default_entity_tools
+
+    return default_entity_tools()  # real spaCy NER and the real leak-free [TARGET] masker
+
+
+# Token chunks of a rendered document: a header cut at the start, whole headers inside, one cut at the end.
+RENDERED_CHUNKS = [
+    "ment 11:\nTeutberga married Lothair II in Aachen.\n\nDocument 12:\nLambert was margrave of Tuscany."
+    "\n\nDocument 13:\nTheodred was bishop of Elmham.\n\nDocument 14",
+    ":\nMarie Curie was born in Warsaw.\n\nDocument 15:\nOtto von Bismarck served as chancellor.\n\nDocu",
+]
+
+
+def test_no_probe_answer_is_template_text_of_the_rendered_document(spacy_tools):
+    find_entities, mask_entity = spacy_tools
+    found = find_entities(RENDERED_CHUNKS)
+    assert {"12", "13"} & set(found[0])  # spaCy does tag header numbers: the guard is needed
+    counts: Counter[str] = Counter()
+    probes = build_recall_probes([_trajectory(RENDERED_CHUNKS)] * 40, find_entities, mask_entity, seed=0,
+                                 counts=counts)  # fmt: skip
+    assert all(probes)
+    for probe in probes:
+        assert not re.search(r"\d+\s*$|^\s*\d+$", probe.entity), probe.entity  # never a header number
+        assert "Document [TARGET]" not in probe.masked_chunk and "ment [TARGET]" not in probe.masked_chunk
+        assert TARGET_TOKEN in probe.masked_chunk
+    assert counts["template_text"] > 0 and counts["candidates"] > counts["template_text"]
+
+
+def test_in_template_text_sees_whole_and_cut_headers():
+    assert in_template_text("Document 12:\nThe 12 men.", "12")  # the header holds it, so masking would expose it
+    assert in_template_text("ment 12:\nThe men.", "12") and in_template_text("The men.\n\nDocument 12", "12")
+    assert not in_template_text("Document 3:\nThe 12 men.", "12")
+    assert not in_template_text("Document 3:\nThe 12 men.", "12", template="Chapter {index}.\n{text}")
+    counts: Counter[str] = Counter()
+    assert probe_candidates("Document 7:\nIn 7 days Rome fell", ["7", "Rome"], counts=counts) == ["Rome"]
+    assert probe_candidates("Document 7:\nIn 7 days Rome fell", ["7"], template=None) == ["7"]
+    assert counts == Counter(candidates=2, template_text=1)

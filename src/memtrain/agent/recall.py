@@ -4,18 +4,27 @@ After a rollout, pick a memory ``m_k`` that has read at least one chunk and a ch
 mask one entity of ``c_l`` with ``[TARGET]``, and ask the model to name it from ``m_k`` alone. Unlike the reference
 code, the first chunk is eligible and a chunk the memory has not read yet never is.
 
-Chunks are cut at token boundaries, so a chunk may begin or end inside a word ("...designed by Manuel Fontan").
-An entity at the very start or end of a chunk may be such a fragment, so it is never a probe's answer.
+The paper picks the memory first and then a chunk it has read: k uniform over the memories, then l uniform over
+1..k (a uniform draw over (k, l) pairs would pick the last memory k/(1+...+K) of the time, 22% for 8 chunks).
+
+Two kinds of candidate entity are never a probe's answer. Chunks are cut at token boundaries, so a chunk may begin
+or end inside a word ("...designed by Manuel Fontan"): an entity at the very start or end of a chunk may be such a
+fragment. And chunks are cut from the RENDERED document, whose "Document 12:" headers spaCy tags as numbers: an
+entity read in template text (:func:`memtrain.data.documents.template_spans`, the builder's header guard) would
+turn a header into "Document [TARGET]:", answerable from the neighbouring headers without any memory.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from memtrain.agent.prompts import TARGET_TOKEN
 from memtrain.agent.trajectory import Trajectory
+from memtrain.data.documents import DEFAULT_DOCUMENT_TEMPLATE, template_spans
+from memtrain.data.entities import find_leaks
 
 
 EntityFinder = Callable[[list[str]], list[list[str]]]
@@ -38,16 +47,21 @@ class RecallProbe:
 
 
 def choose_probe_positions(num_chunks: int, policy: str, rng: random.Random) -> list[tuple[int, int]]:
-    """All eligible (k, l) pairs in the order to try them: a random one first, the rest shuffled as fallbacks."""
+    """All eligible (k, l) pairs in the order to try them, drawn without replacement as the paper draws one probe.
+
+    ``any``: k uniform in 1..K, then l uniform in 1..k, so pair (k, l) has probability 1/(K k); the fallbacks follow
+    in the same law (exponential race: pair (k, l) waits Exp(1) * k, shortest first). ``latest``: l = k, k uniform.
+    """
     if num_chunks < 1:
         return []
-    pairs = [(k, k) for k in range(1, num_chunks + 1)]
-    if policy == "any":
-        pairs = [(k, chunk) for k in range(1, num_chunks + 1) for chunk in range(1, k + 1)]
-    elif policy != "latest":
+    if policy == "latest":
+        pairs = [(k, k) for k in range(1, num_chunks + 1)]
+        rng.shuffle(pairs)
+        return pairs
+    if policy != "any":
         raise ValueError(f"Unknown recall chunk policy {policy!r}; use `any` or `latest`.")
-    rng.shuffle(pairs)
-    return pairs
+    keyed = [(rng.expovariate(1.0) * k, k, chunk) for k in range(1, num_chunks + 1) for chunk in range(1, k + 1)]
+    return [(k, chunk) for _, k, chunk in sorted(keyed)]
 
 
 def touches_chunk_edge(chunk: str, entity: str) -> bool:
@@ -56,14 +70,58 @@ def touches_chunk_edge(chunk: str, entity: str) -> bool:
     return text.startswith(entity) or text.endswith(entity)
 
 
+def in_template_text(chunk: str, entity: str, template: str = DEFAULT_DOCUMENT_TEMPLATE) -> bool:
+    """True when ``entity`` can be read (any leak form) inside the document template text of ``chunk``."""
+    headers = template_spans(chunk, template)
+    if not headers:
+        return False
+    return any(
+        start < h_end and h_start < end for start, end in find_leaks(chunk, entity) for h_start, h_end in headers
+    )
+
+
+def probe_candidates(
+    chunk: str,
+    entities: Sequence[str],
+    template: str | None = DEFAULT_DOCUMENT_TEMPLATE,
+    counts: Counter[str] | None = None,
+) -> list[str]:
+    """The entities of ``chunk`` that may be a probe's answer: not cut by a chunk edge, not in template text.
+
+    ``counts`` (if given) gets ``candidates`` (entities looked at), ``chunk_edge`` and ``template_text`` (rejected).
+    ``template=None`` turns the template guard off (a corpus whose chunks carry no document template).
+    """
+    kept = []
+    for entity in entities:
+        reason = None
+        if touches_chunk_edge(chunk, entity):
+            reason = "chunk_edge"
+        elif template is not None and in_template_text(chunk, entity, template):
+            reason = "template_text"
+        if counts is not None:
+            counts["candidates"] += 1
+            if reason:
+                counts[reason] += 1
+        if reason is None:
+            kept.append(entity)
+    return kept
+
+
 def build_recall_probes(
     trajectories: list[Trajectory],
     find_entities: EntityFinder,
     mask_entity: EntityMasker,
     policy: str = "any",
     seed: int = 0,
+    *,
+    template: str | None = DEFAULT_DOCUMENT_TEMPLATE,
+    counts: Counter[str] | None = None,
 ) -> list[RecallProbe | None]:
-    """One probe per trajectory (None when none of its read chunks holds a valid entity)."""
+    """One probe per trajectory (None when none of its read chunks holds a usable entity).
+
+    ``template`` is the document template of the contexts (the builder's default; None: no template guard);
+    ``counts`` collects :func:`probe_candidates`' counts over the chunks tried.
+    """
     rng = random.Random(seed)
     plans = [choose_probe_positions(len(t.memories) - 1, policy, rng) for t in trajectories]
     # Rollouts of one document share their chunks: run NER once per distinct chunk text.
@@ -75,7 +133,7 @@ def build_recall_probes(
         probe = None
         for k, chunk in plan:
             text = trajectory.chunks[chunk - 1]
-            candidates = [e for e in entities.get(text) or [] if not touches_chunk_edge(text, e)]
+            candidates = probe_candidates(text, entities.get(text) or [], template, counts)
             if candidates:
                 entity = rng.choice(sorted(candidates))
                 masked = mask_entity(text, entity)

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -30,7 +32,50 @@ from memtrain.data.neighbours import NeighbourIndex, build_index
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BuildResult", "BuildStats", "DocumentBuilder", "DocumentBuilderConfig", "build_documents"]
+__all__ = [
+    "DEFAULT_DOCUMENT_TEMPLATE",
+    "BuildResult",
+    "BuildStats",
+    "DocumentBuilder",
+    "DocumentBuilderConfig",
+    "build_documents",
+    "template_spans",
+]
+
+DEFAULT_DOCUMENT_TEMPLATE = "Document {index}:\n{text}"
+
+
+@lru_cache(maxsize=16)
+def _template_patterns(template: str) -> tuple[re.Pattern[str], ...]:
+    """Regexes for the template text around ``{text}``: whole headers, and headers cut at a chunk's start or end."""
+    head, _, tail = template.partition("{text}")
+    patterns = []
+    for part in (head, tail):
+        if not part.strip():
+            continue
+        before, has_index, after = part.partition("{index}")
+        index = r"\d+" if has_index else ""
+        patterns.append(re.compile(re.escape(before) + index + re.escape(after)))
+        cut_starts = [re.escape(before[i:]) for i in range(1, len(before))] + [""]
+        patterns.append(re.compile(r"\A\s*(?:" + "|".join(cut_starts) + ")" + index + re.escape(after)))
+        if has_index:
+            cut_ends = [re.escape(after[:i]) for i in range(len(after))]
+            patterns.append(re.compile(re.escape(before) + index + "(?:" + "|".join(cut_ends) + r")\s*\Z"))
+    return tuple(patterns)
+
+
+def template_spans(text: str, template: str = DEFAULT_DOCUMENT_TEMPLATE) -> list[tuple[int, int]]:
+    """Character spans of ``text`` that are document template, not paragraph text: the "Document 12:" headers,
+    including one cut by chunking at the start ("ment 12:\n...") or end ("...Document 12") of ``text``.
+
+    An entity found there (a CARDINAL "12") must never be a masked answer: it can be read off the neighbouring
+    headers without any memory. The builder rejects such entities after rendering; recall probes, which see token
+    chunks of the rendered document, reject them with this.
+    """
+    spans = {
+        m.span() for pattern in _template_patterns(template) for m in pattern.finditer(text) if m.end() > m.start()
+    }
+    return sorted(spans)
 
 
 @dataclass
@@ -76,7 +121,7 @@ class DocumentBuilderConfig:
                   "counts plus the template's calibrated overhead (exact for BPE tokenizers that split at newlines)."},
     )  # fmt: skip
     document_template: str = field(
-        default="Document {index}:\n{text}", metadata={"help": "How one paragraph is rendered ({index}, {text})."}
+        default=DEFAULT_DOCUMENT_TEMPLATE, metadata={"help": "How one paragraph is rendered ({index}, {text})."}
     )
     separator: str = field(default="\n\n", metadata={"help": "Between rendered paragraphs."})
     show_progress: bool = field(default=True, metadata={"help": "Progress bars."})
