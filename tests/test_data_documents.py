@@ -126,3 +126,23 @@ def test_bad_input_is_reported_clearly(paragraphs, extractor):
         DocumentBuilderConfig(neighbour_method="tfidf")
     with pytest.raises(KeyError, match="lacks"):
         build_documents([{"text": "x"}] * 10, _config(num_neighbours=1, num_random=1), extractor=extractor)
+
+
+def test_neighbours_and_filler_are_entity_bearing_paragraphs_like_the_paper(paragraphs, extractor):
+    plain = [
+        {
+            "id": f"plain{i}",
+            "title": "",
+            "text": f"the small {word} sat quietly on the soft mat and looked around slowly",
+        }
+        for i, word in enumerate(["cat", "dog", "bird", "fox", "hen", "cow", "owl", "pig", "ram", "yak"] * 10)
+    ]
+    corpus = [p for pair in zip(paragraphs[:100], plain) for p in pair]  # half the corpus has no entity
+    result = build_documents(corpus, _config(num_documents=10), extractor=extractor)
+    assert result.stats.paragraphs_without_entity >= 100 and result.stats.built == 10
+    used = {pid for row in result.rows for pid in row["paragraph_ids"]}
+    assert not any(pid.startswith("plain") for pid in used)
+    by_id = {p["id"]: p["text"] for p in corpus}
+    assert all(extractor([by_id[pid]])[0] for pid in used)
+    unfiltered = build_documents(corpus, _config(num_documents=10, filter_paragraphs=False), extractor=extractor)
+    assert any(pid.startswith("plain") for row in unfiltered.rows for pid in row["paragraph_ids"])

@@ -5,8 +5,9 @@ PAPER.md section 2: a document is a random pivot paragraph with at least one val
 joined by blank lines. One valid entity of the pivot, chosen at random, is replaced by ``[MASK]`` in the WHOLE
 document under the leak-free policy of :mod:`memtrain.data.entities`, and the row asks the fixed MemTrain question.
 
-Only pivot candidates go through spaCy (the costly step); paragraphs used as neighbours or random filler need no
-entity. Each pivot's randomness comes from ``(seed, pivot index)``, so a document does not depend on batching, and
+As in the paper, the corpus is first reduced to paragraphs with at least one valid entity (``filter_paragraphs``):
+spaCy runs once over every paragraph (the costly step), and neighbours and random filler come from the kept ones
+too. Each pivot's randomness comes from ``(seed, pivot index)``, so a document does not depend on batching, and
 the same seed and corpus give the same rows. Entities that cannot be masked without a leak, pivots with no usable
 entity and documents outside the token window are skipped and counted in :class:`BuildStats`.
 """
@@ -103,6 +104,11 @@ class DocumentBuilderConfig:
     entity_labels: list[str] | None = field(
         default=None, metadata={"help": "Keep only these NER labels (e.g. PERSON ORG GPE); default: any label."}
     )
+    filter_paragraphs: bool = field(
+        default=True,
+        metadata={"help": "Keep only paragraphs with a valid entity, for neighbours and random filler too (the "
+                  "paper); runs NER over the whole corpus. false: only pivots need one."},
+    )  # fmt: skip
     max_entity_occurrences: int = field(default=5, metadata={"help": "Keep entities seen < this many times."})
     max_entity_words: int = field(default=8, metadata={"help": "Keep entities with < this many words."})
     ner_batch_size: int = field(default=64, metadata={"help": "spaCy nlp.pipe batch size."})
@@ -162,6 +168,7 @@ class BuildStats:
     corpus_paragraphs: int = 0
     requested: int = 0
     built: int = 0
+    paragraphs_without_entity: int = 0
     pivots_tried: int = 0
     pivots_without_entity: int = 0
     pivots_all_entities_leak: int = 0
@@ -302,6 +309,10 @@ class DocumentBuilder:
                     f"Paragraph {i} lacks {missing}; load the corpus with memtrain.data.corpus.load_corpus."
                 )
         stats = BuildStats(corpus_paragraphs=n, requested=c.num_documents)
+        known_entities: list[list[Entity]] | None = None
+        if c.filter_paragraphs:
+            paragraphs, known_entities = self._filter_paragraphs(paragraphs, stats)
+            n = len(paragraphs)
         texts = [p["text"] for p in paragraphs]
         if self.tokenizer is not None:
             self._counter = TokenCounter(self.tokenizer, texts, self._render, exact=c.exact_token_count)
@@ -335,7 +346,10 @@ class DocumentBuilder:
             pivots = order[cursor : cursor + batch_size]
             cursor += len(pivots)
             t0 = time.perf_counter()
-            entities = self.extractor([texts[i] for i in pivots])
+            if known_entities is not None:
+                entities = [known_entities[i] for i in pivots]
+            else:
+                entities = self.extractor([texts[i] for i in pivots])
             timing["ner"] += time.perf_counter() - t0
             candidates = [(int(p), ents) for p, ents in zip(pivots, entities)]
             stats.pivots_tried += len(candidates)
@@ -375,16 +389,45 @@ class DocumentBuilder:
         self._check_outcome(stats)
         return BuildResult(rows=rows, stats=stats)
 
+    def _filter_paragraphs(
+        self, paragraphs: Sequence[dict[str, str]], stats: BuildStats
+    ) -> tuple[list[dict[str, str]], list[list[Entity]]]:
+        """The paper's corpus filter: keep the paragraphs with at least one valid entity (NER over the whole corpus),
+        so neighbours and random filler are entity-bearing paragraphs like the pivots; their entities are kept."""
+        c = self.config
+        start = time.perf_counter()
+        entities = self.extractor([p["text"] for p in paragraphs])
+        stats.seconds["ner_corpus"] = round(time.perf_counter() - start, 3)
+        kept = [i for i, ents in enumerate(entities) if ents]
+        stats.paragraphs_without_entity = len(paragraphs) - len(kept)
+        if not kept:
+            self._raise_no_entity(len(paragraphs))
+        if len(kept) < c.paragraphs_per_document:
+            raise ValueError(
+                f"Only {len(kept)} of the {len(paragraphs)} corpus paragraphs have a valid entity, but one document "
+                f"needs {c.paragraphs_per_document}. Load more paragraphs, lower num_neighbours/num_random, or pass "
+                "filter_paragraphs false to keep paragraphs without entities."
+            )
+        if self._index is not None and len(self._index) != len(kept):
+            raise ValueError(
+                f"The given neighbour index covers {len(self._index)} texts but {len(kept)} paragraphs remain after "
+                "the entity filter; index the filtered paragraphs or pass filter_paragraphs false."
+            )
+        return [paragraphs[i] for i in kept], [entities[i] for i in kept]
+
+    def _raise_no_entity(self, tried: int) -> None:
+        c = self.config
+        raise ValueError(
+            f"None of the {tried} paragraphs has a valid entity (spaCy model {c.spacy_model or 'en_core_web_sm'}, "
+            f"labels {c.entity_labels or 'any'}, < {c.max_entity_occurrences} occurrences, < {c.max_entity_words} "
+            "words). Check that text_column holds English prose, or widen entity_labels."
+        )
+
     def _check_outcome(self, stats: BuildStats) -> None:
         c = self.config
         if stats.built == 0:
             if stats.pivots_without_entity == stats.pivots_tried:
-                raise ValueError(
-                    f"None of the {stats.pivots_tried} paragraphs has a valid entity (spaCy model "
-                    f"{c.spacy_model or 'en_core_web_sm'}, labels {c.entity_labels or 'any'}, < "
-                    f"{c.max_entity_occurrences} occurrences, < {c.max_entity_words} words). Check that text_column "
-                    "holds English prose, or widen entity_labels."
-                )
+                self._raise_no_entity(stats.pivots_tried)
             raise ValueError(
                 f"No document could be built from {stats.pivots_tried} pivots: {stats.pivots_without_entity} had no "
                 f"entity, {stats.pivots_all_entities_leak} had only entities that leak after masking, "

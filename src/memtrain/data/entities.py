@@ -159,6 +159,8 @@ class EntityExtractor:
     """Batched spaCy NER + the entity rule over many paragraphs (``nlp.pipe``, unused components disabled).
 
     ``n_process=0`` means "as many processes as cores, when the batch is big enough to pay for starting them".
+    The last ``cache_size`` texts' results are kept: the builder's corpus filter, its pivots and repeated builds
+    over one corpus parse each paragraph once.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class EntityExtractor:
         batch_size: int = 64,
         n_process: int = 1,
         nlp: Any = None,
+        cache_size: int = 50_000,
     ) -> None:
         if max_occurrences < 2 or max_words < 2:
             raise ValueError(
@@ -192,6 +195,8 @@ class EntityExtractor:
         self.max_words = max_words
         self.batch_size = batch_size
         self.n_process = n_process
+        self.cache_size = cache_size
+        self._cache: dict[str, list[Entity]] = {}
 
     def _processes(self, num_texts: int) -> int:
         if self.n_process > 0:
@@ -200,9 +205,16 @@ class EntityExtractor:
         return max(1, min(cores, num_texts // 2000))
 
     def __call__(self, texts: Sequence[str]) -> list[list[Entity]]:
-        """Valid entities of each text, in input order."""
-        docs = self.nlp.pipe(texts, batch_size=self.batch_size, n_process=self._processes(len(texts)))
-        return [self.valid_entities(doc) for doc in docs]
+        """Valid entities of each text, in input order (texts seen recently are not parsed again)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            docs = self.nlp.pipe(missing, batch_size=self.batch_size, n_process=self._processes(len(missing)))
+            for text, doc in zip(missing, docs):
+                self._cache[text] = self.valid_entities(doc)
+        found = [list(self._cache[t]) for t in texts]
+        while len(self._cache) > self.cache_size:  # oldest first: dicts keep insertion order
+            del self._cache[next(iter(self._cache))]
+        return found
 
     def valid_entities(self, doc: Any) -> list[Entity]:
         return valid_entities(doc, labels=self.labels, max_occurrences=self.max_occurrences, max_words=self.max_words)
