@@ -149,3 +149,23 @@ def test_full_shared_samples_load(shared_data, relative):
     result = load_corpus(str(shared_data / relative))
     assert result.stats.rows > 0 and len(result) > 0.5 * result.stats.rows
     assert all(p["text"] and p["id"] for p in result)
+
+
+def test_limit_streams_the_first_paragraphs_in_order_and_stops_reading(tmp_path):
+    # The paper's corpus is the FIRST ~300k Wikipedia paragraphs, not a sample: the paper recipe streams
+    # wikimedia/wikipedia with corpus_limit. A local folder goes through the same datasets streaming path.
+    records = [{"id": str(i), "title": f"T{i}", "text": f"Paragraph number {i} is about Ada Lovelace and Paris."}
+               for i in range(400)]  # fmt: skip
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = load_corpus(str(folder), format="hf", streaming=True, min_words=3, limit=25)
+    assert [p["id"] for p in result.paragraphs] == [str(i) for i in range(25)]
+    assert result.stats.rows == 25  # stopped reading the stream at the limit
+    import yaml
+
+    recipe = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "recipes/data/memtrain-wiki-paper.yaml").read_text()
+    )
+    assert recipe["streaming"] is True and recipe["corpus_limit"] == 300_000
+    assert recipe.get("filter_paragraphs", True) is True  # and only entity-bearing paragraphs are kept
