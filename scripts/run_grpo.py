@@ -3,8 +3,10 @@
 The recipe (positional or `--config`) sets every knob; `--key value` overrides it. See recipes/README.md.
 """
 
-from memtrain.train import main
+import sys
+
+from memtrain.train import cli
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
-from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl
+from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, constants
+from huggingface_hub.errors import HfHubHTTPError
 
 from memtrain import hub
 from memtrain.hub import hub_card_template, push_folder_to_hub, render_model_card
@@ -116,13 +118,27 @@ def test_template_falls_back_to_the_package_copy(monkeypatch, tmp_path):
     assert hub_card_template("model_card.md").parts[-4:] == ("memtrain", "resources", "hub_cards", "model_card.md")
 
 
+def _http_error(status: int, message: str) -> HfHubHTTPError:
+    request = httpx.Request("POST", "https://huggingface.co/api")
+    return HfHubHTTPError(message, response=httpx.Response(status, request=request))
+
+
 class FakeHubServer:
     """Stands in for the Hub's HTTP API: records what HfApi would send and answers like the server."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, accepted_tokens: set[str] | None = None, fail_commits: bool = False):
+        """``accepted_tokens``: the logins ``whoami`` accepts (None: any non-empty token); ``fail_commits``: every
+        commit is refused (a Hub outage at the end of a run). Being a reachable Hub, it also switches offline mode off.
+        """
         self.repos: list[dict] = []
         self.commits: list[dict] = []
         server = self
+
+        def whoami(api, token=None, **kwargs):
+            token = token or api.token
+            if not token or (accepted_tokens is not None and token not in accepted_tokens):
+                raise _http_error(401, "401 Client Error: Unauthorized (invalid token)")
+            return {"name": "me", "type": "user"}
 
         def create_repo(api, repo_id, *, private=None, repo_type=None, exist_ok=False, **kwargs):
             server.repos.append(dict(repo_id=repo_id, private=private, repo_type=repo_type, exist_ok=exist_ok))
@@ -131,6 +147,8 @@ class FakeHubServer:
             return RepoUrl(f"https://huggingface.co/{prefix}{repo_id}")
 
         def create_commit(api, repo_id, operations, *, commit_message, repo_type=None, revision=None, **kwargs):
+            if fail_commits:
+                raise _http_error(503, "503 Server Error: Service Unavailable")
             files = {}
             for op in operations:
                 with op.as_file() as f:
@@ -142,6 +160,8 @@ class FakeHubServer:
 
         monkeypatch.setattr(HfApi, "create_repo", create_repo)
         monkeypatch.setattr(HfApi, "create_commit", create_commit)
+        monkeypatch.setattr(HfApi, "whoami", whoami)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture

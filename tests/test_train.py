@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,20 @@ from conftest import save_built_documents
 from datasets import Dataset
 from test_hub import FakeHubServer
 
+from memtrain.configs import parse_recipe_args
+from memtrain.preflight import PreflightError
 from memtrain.rewards import register_reward
-from memtrain.train import load_training_dataset, main
+from memtrain.train import cli, load_training_dataset, main, resolve_checkpoint
+
+
+SECRET = "hf_fake_secret_1234567890"
+
+
+def files_containing(folder: Path, secret: str) -> list[str]:
+    """`grep -rl secret folder`: every file (pickles, checkpoints, hidden files included) holding the secret."""
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()
+    )
 
 
 @register_reward("answer_length")
@@ -63,12 +76,15 @@ def test_recipe_trains_a_lora_adapter_and_pushes_it_with_a_card(
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
 
-    metrics = main([str(path), "--learning_rate", "1e-3"])
+    metrics = main([str(path), "--learning_rate", "1e-3", "--hub_token", SECRET])
 
     assert "train_runtime" in metrics
     assert (output_dir / "adapter_config.json").is_file() and (output_dir / "memtrain_recipe.yaml").is_file()
     saved = yaml.safe_load((output_dir / "memtrain_recipe.yaml").read_text())
-    assert saved["lora_r"] == 4 and saved["command_line_overrides"] == "--learning_rate 1e-3"
+    assert saved["lora_r"] == 4 and saved["learning_rate"] == 1e-3 and "hub_token" not in saved
+    assert hub.token == SECRET  # the push itself used the token ...
+    assert files_containing(output_dir, SECRET) == []  # ... which no written file holds
+    assert [name for name, data in hub.commits[-1]["files"].items() if SECRET.encode() in data] == []
     assert hub.repos[0]["repo_id"] == "me/memtrain-tiny"
     pushed = hub.commits[-1]["files"]
     assert "adapter_model.safetensors" in pushed and "README.md" in pushed
@@ -94,3 +110,227 @@ def test_dataset_errors_name_the_problem(tmp_path):
     Dataset.from_list([{"prompt": "p", "text": "t"}]).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['context', 'answers'\]"):
         load_training_dataset(str(tmp_path / "bad"))
+
+
+def full_recipe(model: Path, documents: Path, output_dir: Path, **overrides) -> dict:
+    """The smallest full-weights run: 1 step, a checkpoint at step 1 (training_args.bin and all)."""
+    recipe = {
+        "model_name_or_path": str(model), "dtype": "float32", "dataset_name": str(documents),
+        "chunk_size": 48, "max_chunks": 2, "max_memory_tokens": 4, "max_answer_tokens": 4,
+        "reward_funcs": ["answer_length"], "num_generations": 2, "per_device_train_batch_size": 2,
+        "recall_samples": 2, "max_steps": 1, "use_cpu": True, "bf16": False, "report_to": "none",
+        "save_strategy": "steps", "save_steps": 1, "trajectory_html_steps": 0, "output_dir": str(output_dir),
+    }  # fmt: skip
+    recipe.update(overrides)
+    return recipe
+
+
+def write_recipe(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("how", ["command_line", "recipe", "environment"])
+def test_no_token_reaches_any_written_or_pushed_file(how, tiny_checkpoint, built_documents, tmp_path, monkeypatch):
+    hub = FakeHubServer(monkeypatch, accepted_tokens={SECRET})
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    output_dir = tmp_path / "run"
+    recipe = full_recipe(tiny_checkpoint, built_documents, output_dir, push_to_hub=True, hub_model_id="me/t")
+    argv = []
+    if how == "command_line":
+        argv = ["--hub_token", SECRET]
+    elif how == "recipe":
+        recipe["hub_token"] = SECRET
+    else:
+        monkeypatch.setenv("HF_TOKEN", SECRET)
+    path = write_recipe(tmp_path, recipe)
+
+    main([str(path), *argv])
+
+    assert (output_dir / "checkpoint-1" / "training_args.bin").is_file()
+    assert files_containing(output_dir, SECRET) == []
+    assert hub.token in (SECRET, None) and hub.commits, "the push ran"
+    assert [name for name, data in hub.commits[-1]["files"].items() if SECRET.encode() in data] == []
+    # The saved recipe runs again as it is: the loader accepts every key and the values are the run's.
+    saved = output_dir / "memtrain_recipe.yaml"
+    _, _, training_args, _ = parse_recipe_args([str(saved), "--push_to_hub", "false"])
+    assert training_args.max_steps == 1 and training_args.reward_funcs == ["answer_length"]
+
+
+def test_saved_recipe_merges_command_line_overrides_into_its_keys(tiny_checkpoint, built_documents, tmp_path):
+    output_dir = tmp_path / "run"
+    path = write_recipe(tmp_path, full_recipe(tiny_checkpoint, built_documents, output_dir, save_strategy="no"))
+    main([str(path), "--learning_rate", "3e-4", "--reward_funcs", "answer_length", "memory_recall"])
+    saved = output_dir / "memtrain_recipe.yaml"
+    record = yaml.safe_load(saved.read_text())
+    assert "command_line_overrides" not in record
+    assert record["learning_rate"] == 3e-4 and record["reward_funcs"] == ["answer_length", "memory_recall"]
+    _, _, again, _ = parse_recipe_args([str(saved)])
+    assert again.learning_rate == 3e-4 and again.reward_funcs == ["answer_length", "memory_recall"]
+
+
+def _checkpoint(folder: Path, step: int, complete: bool) -> Path:
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights")
+    (path / "optimizer.pt").write_bytes(b"state" if complete else b"")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_resume_last_picks_the_newest_complete_checkpoint(tmp_path):
+    _checkpoint(tmp_path, 2, complete=True)
+    _checkpoint(tmp_path, 10, complete=True)
+    _checkpoint(tmp_path, 12, complete=False)  # killed during its save: 0-byte optimizer.pt, no trainer_state.json
+    assert resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    with pytest.raises(PreflightError, match="incomplete"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-12"), str(tmp_path))
+    only_broken = tmp_path / "broken"
+    _checkpoint(only_broken, 3, complete=False)
+    with pytest.raises(PreflightError, match=r"no complete one \(1 half-written\)"):
+        resolve_checkpoint("last", str(only_broken))
+
+
+def test_resume_from_a_real_checkpoint_after_a_killed_save(tiny_checkpoint, built_documents, tmp_path):
+    output_dir = tmp_path / "run"
+    path = write_recipe(tmp_path, full_recipe(tiny_checkpoint, built_documents, output_dir))
+    main([str(path)])
+    broken = output_dir / "checkpoint-2"
+    broken.mkdir()
+    (broken / "optimizer.pt").write_bytes(b"")
+    metrics = main([str(path), "--max_steps", "2", "--resume_from_checkpoint", "last"])
+    assert "train_runtime" in metrics
+    assert (output_dir / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = cli(argv)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, pattern: str) -> None:
+    import re
+
+    lines = [line for line in err.splitlines() if line.startswith("run_grpo: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ({"max_steps": -3}, r"max_steps must be a positive number.*got -3"),
+        ({"max_steps": 0}, r"max_steps must be a positive number.*got 0"),
+        ({"num_generations": 0}, r"num_generations must be >= 2.*got 0"),
+        ({"reward_funcs": ["masked_entity_emm"]}, r"reward_funcs: Unknown reward function 'masked_entity_emm'"),
+    ],
+)
+def test_bad_values_are_refused_before_the_model_loads(override, pattern, built_documents, tmp_path, capsys):
+    # The model folder does not exist: reaching the model load would give a different error.
+    recipe = full_recipe(tmp_path / "no-model", built_documents, tmp_path / "run", **override)
+    assert_one_line_error(*run_cli([str(write_recipe(tmp_path, recipe))], capsys), pattern)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_dir_of_another_run_is_refused_unless_resuming(built_documents, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    _checkpoint(output_dir, 4, complete=True)
+    (output_dir / "model.safetensors").write_bytes(b"old final model")
+    path = write_recipe(tmp_path, full_recipe(tmp_path / "no-model", built_documents, output_dir))
+    assert_one_line_error(*run_cli([str(path)], capsys), r"already holds files of another run \(checkpoint-4")
+    assert (output_dir / "model.safetensors").read_bytes() == b"old final model"
+    # Resuming it passes this check (and stops at the missing model).
+    code, err = run_cli([str(path), "--resume_from_checkpoint", "last"], capsys)
+    assert code != 0 and "another run" not in err
+
+
+def test_an_unwritable_output_dir_is_refused_before_the_model_loads(built_documents, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    path = write_recipe(tmp_path, full_recipe(tmp_path / "no-model", built_documents, tmp_path / "a-file" / "run"))
+    assert_one_line_error(*run_cli([str(path)], capsys), r"output_dir .* cannot be created: .*a-file is a file")
+
+
+@pytest.mark.parametrize(
+    ("setting", "pattern"),
+    [
+        ("offline", r"the Hub is offline \(HF_HUB_OFFLINE=1\)"),
+        ("no_login", r"there is no Hub login"),
+        ("bad_token", r"the Hub refused the login check \(401"),
+        ("no_id", r"set hub_model_id"),
+    ],
+)
+def test_a_push_that_cannot_succeed_is_refused_before_the_model_loads(
+    setting, pattern, built_documents, tmp_path, monkeypatch, capsys
+):
+    FakeHubServer(monkeypatch, accepted_tokens={SECRET})
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored login either
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf-home" / "stored_tokens"))
+    extra = {"push_to_hub": True, "hub_model_id": "me/t", "hub_token": SECRET}
+    if setting == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    elif setting == "no_login":
+        del extra["hub_token"]
+    elif setting == "bad_token":
+        extra["hub_token"] = "hf_wrong_token_00000000"
+    else:
+        del extra["hub_model_id"]
+    recipe = full_recipe(tmp_path / "no-model", built_documents, tmp_path / "run", **extra)
+    assert_one_line_error(*run_cli([str(write_recipe(tmp_path, recipe))], capsys), pattern)
+
+
+def test_when_only_the_push_fails_the_local_output_is_complete(
+    tiny_checkpoint, built_documents, tmp_path, monkeypatch, capsys
+):
+    FakeHubServer(monkeypatch, fail_commits=True)
+    output_dir = tmp_path / "run"
+    recipe = full_recipe(tiny_checkpoint, built_documents, output_dir, push_to_hub=True, hub_model_id="me/t")
+    code, err = run_cli([str(write_recipe(tmp_path, recipe)), "--hub_token", SECRET], capsys)
+    assert_one_line_error(code, err, r"holds the complete local output, but the push to me/t failed .*503")
+    assert (output_dir / "model.safetensors").is_file() and (output_dir / "memtrain_recipe.yaml").is_file()
+
+
+def test_a_dataset_smaller_than_one_step_is_refused(built_documents, tmp_path, capsys):
+    recipe = full_recipe(tmp_path / "no-model", built_documents, tmp_path / "run", per_device_train_batch_size=6)
+    assert_one_line_error(
+        *run_cli([str(write_recipe(tmp_path, recipe))], capsys), r"has 2 document\(s\) but one step needs 3"
+    )
+
+
+ROW = {"prompt": "Where is Lyon?", "context": "Lyon is in France.", "answers": ["France"]}
+
+
+@pytest.mark.parametrize(
+    ("bad", "pattern"),
+    [
+        ({"context": ""}, r"row 1: `context` is empty"),
+        ({"answers": []}, r"row 1: `answers` must be a non-empty list"),
+        ({"answers": "France"}, r"row 1: `answers` must be a non-empty list"),
+    ],
+)
+def test_rows_eval_rejects_are_rejected_at_load_with_their_number(bad, pattern, tmp_path):
+    import json
+
+    path = tmp_path / "rows.jsonl"
+    rows = [ROW, {**ROW, **bad}]
+    if isinstance(bad.get("answers"), str):  # one column type per file: all plain strings
+        rows = [{**ROW, "answers": "France"}, {**ROW, "answers": "France"}]
+        pattern = pattern.replace("row 1", "row 0")
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    with pytest.raises(PreflightError, match=pattern):
+        load_training_dataset(str(path))
+
+
+def test_non_utf8_and_missing_datasets_are_named(tmp_path, monkeypatch):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(('{"prompt": "p", "context": "caf\u00e9", "answers": ["a"]}\n').encode("latin-1"))
+    with pytest.raises(PreflightError, match=r"latin1.jsonl line 1 is not UTF-8"):
+        load_training_dataset(str(path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"Dataset outputs/data/docs does not exist: no such local"):
+        load_training_dataset("outputs/data/docs")

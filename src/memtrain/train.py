@@ -15,10 +15,23 @@ from typing import Any
 import datasets
 import yaml
 from datasets import Dataset, load_dataset, load_from_disk
-from transformers.trainer_utils import get_last_checkpoint
 
 from memtrain.agent.memory_agent import AgentConfig
-from memtrain.configs import MemTrainConfig, MemTrainScriptArguments, load_recipe, parse_recipe_args
+from memtrain.configs import MemTrainConfig, MemTrainScriptArguments, RecipeError, load_recipe, parse_recipe_args
+from memtrain.preflight import (
+    PreflightError,
+    check_dataset_size,
+    check_output_dir,
+    check_push,
+    check_reward_names,
+    check_training_rows,
+    check_training_values,
+    check_utf8_file,
+    complete_checkpoints,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    scrub_secrets,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -27,9 +40,15 @@ REQUIRED_COLUMNS = ("prompt", "context", "answers")
 _FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-def load_training_dataset(name: str, config: str | None = None, split: str = "train") -> Dataset:
-    """A dataset from a ``save_to_disk`` folder, a parquet/json(l)/csv file, or the Hub, checked for the contract."""
-    path = Path(name)
+def load_training_dataset(name: str, config: str | None = None, split: str = "train", task: str = "memory") -> Dataset:
+    """A dataset from a ``save_to_disk`` folder, a parquet/json(l)/csv file, or the Hub, checked for the contract.
+
+    Every row is checked here, before any model loads, with the validator ``memtrain eval`` uses (``task``:
+    ``memory`` rows need a context to read and gold answers; ``search`` rows need questions and answers).
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             loaded = load_from_disk(str(path))
@@ -38,20 +57,72 @@ def load_training_dataset(name: str, config: str | None = None, split: str = "tr
                     raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}; set dataset_train_split.")
                 loaded = loaded[split]
         else:
+            for file in path.rglob("*"):
+                if file.suffix in {".jsonl", ".json", ".csv"} and file.is_file():
+                    check_utf8_file(file)
             loaded = load_dataset(str(path), config, split=split)
     elif path.suffix in _FILE_BUILDERS and path.exists():
+        if path.suffix != ".parquet":
+            check_utf8_file(path)
         loaded = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    elif path.suffix in _FILE_BUILDERS or name.startswith((".", "/")):
+    elif path.suffix in _FILE_BUILDERS or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"Dataset file {name} does not exist.")
     else:
-        loaded = load_dataset(name, config, split=split)
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            raise FileNotFoundError(
+                f"Dataset {name} does not exist: no such local file or folder (and it is not a Hub dataset id)."
+            ) from None
+        try:
+            loaded = load_dataset(name, config, split=split)
+        except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise FileNotFoundError(
+                f"Dataset {name}: no such local file or folder, and the Hub gave no dataset of that id ({first})."
+            ) from None
     missing = [column for column in REQUIRED_COLUMNS if column not in loaded.column_names]
     if missing:
         raise ValueError(
             f"Dataset {name} lacks column(s) {missing}; memtrain rows need {list(REQUIRED_COLUMNS)} "
             f"(it has {loaded.column_names}). Build MemTrain documents with scripts/build_dataset.py."
         )
+    check_training_rows(loaded, source=name, task=task)
     return loaded
+
+
+class PushError(RuntimeError):
+    """Training finished and its output is complete on disk; only the upload to the Hub failed."""
+
+
+def resolve_checkpoint(checkpoint: str | None, output_dir: str) -> str | None:
+    """The checkpoint to resume: ``last``/``latest``/``true`` is the newest COMPLETE one in ``output_dir``.
+
+    A kill during a checkpoint save leaves a folder with a 0-byte ``optimizer.pt`` and no ``trainer_state.json``;
+    resuming from it crashes although an intact earlier checkpoint exists, so half-written ones are skipped.
+    """
+    if checkpoint is None:
+        return None
+    if checkpoint in {"last", "latest"} or checkpoint.lower() == "true":
+        found = last_complete_checkpoint(output_dir)
+        _, incomplete = complete_checkpoints(output_dir)
+        for skipped in incomplete:
+            logger.warning("Skipping %s: its save did not finish (no trainer_state.json or an empty file).", skipped)
+        if found is None:
+            raise PreflightError(
+                f"resume_from_checkpoint asks for the last checkpoint, but {output_dir} has no complete one"
+                + (f" ({len(incomplete)} half-written)" if incomplete else "")
+                + "; drop resume_from_checkpoint to start afresh in a new output_dir."
+            )
+        return str(found)
+    if not Path(checkpoint).is_dir():
+        raise PreflightError(f"resume_from_checkpoint {checkpoint} is not a checkpoint folder.")
+    if not is_complete_checkpoint(checkpoint):
+        raise PreflightError(
+            f"resume_from_checkpoint {checkpoint} is incomplete (its save did not finish: no trainer_state.json or an "
+            "empty file); resume from an earlier checkpoint, or `last` for the newest complete one."
+        )
+    return checkpoint
 
 
 def train(
@@ -61,29 +132,54 @@ def train(
     model_args: Any,
     recipe: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Run MemTrain GRPO; returns the final training metrics."""
+    """Run MemTrain GRPO; returns the final training metrics.
+
+    Everything that can be checked without the model (values, reward names, rows, the output folder, the push) is
+    checked first: at paper scale the model load and warm start take minutes, the run hours.
+    """
     from trl import get_peft_config
 
     from memtrain.models import load_from_model_config
     from memtrain.trainer import MemTrainer
 
+    # The token stays in this function only: Trainer pickles its arguments into every training_args.bin (and the
+    # push uploads the final one); memtrain pushes itself, with this token.
+    hub_token, training_args.hub_token = training_args.hub_token, None
+    check_training_values(vars(training_args))
+    check_reward_names(training_args.reward_funcs)
     if script_args.dataset_name is None:
         raise ValueError("Set `dataset_name:` in the recipe (a built dataset folder, a file, or a Hub dataset id).")
-    train_dataset = load_training_dataset(
-        script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(
+        training_args.output_dir,
+        resuming=checkpoint is not None,
+        overwrite=bool(getattr(training_args, "overwrite_output_dir", False)),  # no such field in transformers 5
     )
-    if script_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
-
     # memtrain pushes once, at the end, with its own card (adapter or full weights); Trainer's own pushes (a repo at
     # start, every checkpoint, its generic card) are switched off so the Hub never holds a card-less checkpoint.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    repo_id = training_args.hub_model_id
+    if push_to_hub:
+        check_push(repo_id, hub_token)
+    train_dataset = load_training_dataset(
+        script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split,
+        task=training_args.agent_type,
+    )  # fmt: skip
+    if script_args.max_train_samples is not None:
+        train_dataset = train_dataset.select(range(min(script_args.max_train_samples, len(train_dataset))))
+    check_dataset_size(
+        len(train_dataset),
+        generation_batch_size=training_args.generation_batch_size,
+        num_generations=training_args.num_generations,
+        source=script_args.dataset_name,
+    )
 
     # A published memtrain adapter named as the model keeps training (its LoRA weights stay trainable).
-    model, tokenizer = load_from_model_config(model_args, peft_config=None, adapter_is_trainable=True)
+    model, tokenizer = load_from_model_config(
+        model_args, peft_config=None, adapter_is_trainable=True, trust_remote_code=training_args.trust_remote_code
+    )
     peft_config = None if hasattr(model, "peft_config") else get_peft_config(model_args)
 
-    checkpoint = training_args.resume_from_checkpoint
     if training_args.warm_start_examples and checkpoint is None:
         if peft_config is not None:
             raise ValueError(
@@ -101,12 +197,6 @@ def train(
         peft_config=peft_config,
     )
 
-    if checkpoint in {"last", "latest"} or (isinstance(checkpoint, str) and checkpoint.lower() == "true"):
-        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if checkpoint is None:
-            raise ValueError(
-                f"resume_from_checkpoint asks for the last checkpoint, but {training_args.output_dir} has none."
-            )
     if checkpoint is not None:
         logger.info("Resuming from checkpoint %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -115,13 +205,27 @@ def train(
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
+    secrets = [s for s in (hub_token, os.environ.get("HF_TOKEN")) if s]
+    recipe = scrub_secrets(recipe, secrets) if recipe is not None else None
     if recipe is not None and trainer.accelerator.is_main_process:
-        Path(training_args.output_dir, "memtrain_recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+        Path(training_args.output_dir, "memtrain_recipe.yaml").write_text(
+            "# Re-run with: python scripts/run_grpo.py memtrain_recipe.yaml (credentials are never saved: log in "
+            "with `hf auth login` or HF_TOKEN)\n" + yaml.safe_dump(recipe, sort_keys=False),
+            encoding="utf-8",
+        )
     Path(training_args.output_dir, "metrics_history.json").write_text(
         json.dumps(trainer.state.log_history, indent=1), encoding="utf-8"
     )
     if push_to_hub:
-        push_trained_model(trainer, training_args, model_args, script_args, recipe, metrics)
+        try:
+            push_trained_model(trainer, training_args, model_args, script_args, recipe, metrics, token=hub_token)
+        except Exception as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise PushError(
+                f"training finished and {training_args.output_dir} holds the complete local output, but the push to "
+                f"{repo_id} failed ({type(error).__name__}: {first}); push it later with `hf upload {repo_id} "
+                f"{training_args.output_dir} --exclude 'checkpoint-*'`."
+            ) from error
     return metrics
 
 
@@ -149,13 +253,15 @@ def run_warm_start(model, tokenizer, train_dataset: Dataset, agent_config: Agent
     Path(args.output_dir, "warm_start_losses.json").write_text(json.dumps(losses), encoding="utf-8")
 
 
-def push_trained_model(trainer, training_args, model_args, script_args, recipe, metrics) -> str | None:
+def push_trained_model(
+    trainer, training_args, model_args, script_args, recipe, metrics, token: str | None = None
+) -> str | None:
     """Push the adapter (or full weights) with a memtrain model card."""
     from memtrain.hub import push_folder_to_hub, render_model_card
 
     if not trainer.accelerator.is_main_process:
         return None
-    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    repo_id = training_args.hub_model_id
     card = render_model_card(
         repo_id=repo_id,
         base_model=model_args.model_name_or_path,
@@ -171,25 +277,74 @@ def push_trained_model(trainer, training_args, model_args, script_args, recipe, 
         card=card,
         private=bool(training_args.hub_private_repo),
         commit_message="memtrain: trained checkpoint",
-        token=training_args.hub_token,
+        token=token,
     )
 
 
+def _command_line_values(argv: list[str]) -> dict[str, Any]:
+    """``--key value [value ...]`` / ``--key=value`` pairs as recipe keys (several values: a list)."""
+    values: dict[str, Any] = {}
+    key: str | None = None
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            key = name.replace("-", "_")
+            values[key] = [value] if eq else []
+        elif key is not None:
+            values[key].append(arg)
+    return {k: (v[0] if len(v) == 1 else (v or "true")) for k, v in values.items()}
+
+
+def _typed(value: Any) -> Any:
+    """A command-line string as the YAML value a recipe would hold (``2`` -> 2, ``true`` -> True)."""
+    if isinstance(value, list):
+        return [_typed(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    try:
+        loaded = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(loaded, (bool, int, float)) and not isinstance(loaded, str):
+        return loaded
+    try:
+        return float(value) if value.strip().lower() not in {"nan", "inf", "-inf"} else value
+    except ValueError:
+        return value
+
+
 def recipe_record(argv: list[str]) -> dict[str, Any]:
-    """The recipe file's keys plus the command-line overrides, as saved beside the checkpoint and on the card."""
+    """The recipe file's keys with the command-line overrides merged in: a recipe that runs again as it is.
+
+    Secrets are not removed here (see :func:`memtrain.preflight.scrub_secrets`, applied before anything is saved).
+    """
     recipe: dict[str, Any] = {}
     if argv and not argv[0].startswith("-"):
         recipe = load_recipe(argv[0])
         argv = argv[1:]
     elif "--config" in argv:
-        recipe = load_recipe(argv[argv.index("--config") + 1])
-    if argv:
-        recipe["command_line_overrides"] = " ".join(a for a in argv if a != "--config")
+        index = argv.index("--config")
+        recipe = load_recipe(argv[index + 1])
+        argv = argv[:index] + argv[index + 2 :]
+    recipe.update({key: _typed(value) for key, value in _command_line_values(argv).items()})
     return recipe
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse the recipe and train; value errors that would crash inside TRL's config parsing are caught first."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    record = recipe_record(argv)
+    check_training_values(record)
     script_args, agent_config, training_args, model_args = parse_recipe_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return train(script_args, agent_config, training_args, model_args, recipe=recipe_record(argv))
+    return train(script_args, agent_config, training_args, model_args, recipe=record)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``scripts/run_grpo.py``: a user error is one line on stderr and exit code 2, never a traceback."""
+    try:
+        main(argv)
+    except (RecipeError, PreflightError, PushError, ValueError, FileNotFoundError) as error:
+        print(f"run_grpo: error: {error}", file=sys.stderr)
+        return 2
+    return 0

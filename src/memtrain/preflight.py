@@ -1,0 +1,287 @@
+"""Checks that run before anything expensive (model load, warm start, hours of training or building).
+
+Every check here is cheap and raises :class:`PreflightError` (a ``ValueError``) with one line naming the problem and
+the fix, so a typo, an impossible value, a folder that cannot be written or a push that cannot succeed fails in
+seconds instead of after the model load, the warm start or the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+__all__ = [
+    "PreflightError",
+    "SECRET_KEY",
+    "is_secret_key",
+    "scrub_secrets",
+    "check_training_values",
+    "check_reward_names",
+    "check_output_dir",
+    "check_push",
+    "check_training_rows",
+    "check_dataset_size",
+    "check_utf8_file",
+    "complete_checkpoints",
+    "last_complete_checkpoint",
+]
+
+
+class PreflightError(ValueError):
+    """A value or a precondition that would make the run fail (or silently do the wrong thing) later."""
+
+
+# Keys whose values are credentials. Tokenizer fields (pad_token, eos_token ...) and token counts are not.
+SECRET_KEY = re.compile(r"(?:token|api_key|apikey|secret|password)$", re.IGNORECASE)
+_NOT_SECRET_KEY = re.compile(r"(?:^|_)(?:pad|eos|bos|unk|sep|cls|mask|special)_token$|^max_\w*token$", re.IGNORECASE)
+_HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(SECRET_KEY.search(key)) and not _NOT_SECRET_KEY.search(key)
+
+
+def scrub_secrets(value: Any, secrets: Sequence[str] = ()) -> Any:
+    """``value`` (a recipe: nested dicts/lists/strings) without credentials, for files that are saved or pushed.
+
+    Secret keys (``hub_token``, ``*_api_key``, ``env: {HF_TOKEN: ...}`` ...) are dropped; any string that contains a
+    known secret (``secrets``) or looks like a Hub token (``hf_...``) has it replaced by ``<redacted>``.
+    """
+    if isinstance(value, Mapping):
+        return {k: scrub_secrets(v, secrets) for k, v in value.items() if not is_secret_key(str(k))}
+    if isinstance(value, (list, tuple)):
+        return [scrub_secrets(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret:
+                value = value.replace(secret, "<redacted>")
+        return _HF_TOKEN_VALUE.sub("<redacted>", value)
+    return value
+
+
+def _as_int(values: Mapping[str, Any], key: str) -> int | None:
+    if values.get(key) is None:
+        return None
+    try:
+        number = float(values[key])
+    except (TypeError, ValueError):
+        raise PreflightError(f"{key} must be a whole number, got {values[key]!r}.") from None
+    if number != int(number):
+        raise PreflightError(f"{key} must be a whole number, got {values[key]!r}.")
+    return int(number)
+
+
+def check_training_values(values: Mapping[str, Any]) -> None:
+    """Training values TRL / transformers would accept and then misuse (or crash on deep inside a step).
+
+    ``values`` is a raw recipe (strings from the command line are fine) or ``vars(training_args)``: this runs before
+    the recipe is parsed, because an impossible ``num_generations`` already crashes TRL's config parsing.
+    """
+    max_steps = _as_int(values, "max_steps")
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
+        raise PreflightError(
+            f"max_steps must be a positive number of optimizer steps (or -1: train num_train_epochs), got {max_steps}."
+        )
+    num_generations = _as_int(values, "num_generations")
+    if num_generations is not None and num_generations < 2:
+        raise PreflightError(
+            f"num_generations must be >= 2 (GRPO compares the rollouts of one document), got {num_generations}."
+        )
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "recall_samples"):
+        number = _as_int(values, key)
+        if number is not None and number < 1:
+            raise PreflightError(f"{key} must be >= 1, got {number}.")
+    if values.get("num_train_epochs") is not None and (max_steps is None or max_steps == -1):
+        try:
+            epochs = float(values["num_train_epochs"])
+        except (TypeError, ValueError):
+            raise PreflightError(f"num_train_epochs must be a number, got {values['num_train_epochs']!r}.") from None
+        if epochs <= 0:
+            raise PreflightError(f"num_train_epochs must be > 0 (or set max_steps), got {epochs}.")
+    if values.get("learning_rate") is not None:
+        try:
+            learning_rate = float(values["learning_rate"])
+        except (TypeError, ValueError):
+            raise PreflightError(f"learning_rate must be a number, got {values['learning_rate']!r}.") from None
+        if not learning_rate >= 0:
+            raise PreflightError(f"learning_rate must be >= 0, got {learning_rate}.")
+
+
+def check_reward_names(names: Sequence[str] | str) -> None:
+    """Resolve every reward name now (a misspelling used to surface only when the trainer was built)."""
+    from memtrain.rewards import get_reward_funcs
+
+    try:
+        get_reward_funcs(names)
+    except (TypeError, ValueError) as error:
+        raise PreflightError(f"reward_funcs: {error}") from None
+
+
+def _is_run_file(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def check_output_dir(output_dir: str | Path, *, resuming: bool, overwrite: bool = False) -> None:
+    """The output folder can be written, and does not hold another run that this one would silently mix into.
+
+    A run writing into a folder of another run rotates the old checkpoints away, overwrites its final model and
+    leaves its newest checkpoint beside the new ones (a later ``resume_from_checkpoint: last`` resumes the wrong run).
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PreflightError(f"output_dir {output_dir} is a file, not a folder; choose another output_dir.")
+    if output_dir.is_dir() and not resuming and not overwrite:
+        held = sorted(p.name for p in output_dir.iterdir() if _is_run_file(p.name))
+        if held:
+            shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+            raise PreflightError(
+                f"output_dir {output_dir} already holds files of another run ({shown}); resume it with "
+                "--resume_from_checkpoint last, choose a new output_dir, or delete the folder."
+            )
+    existing = output_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PreflightError(f"output_dir {output_dir} cannot be created: {existing} is a file, not a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".memtrain-write-test-", dir=existing)
+    except OSError as error:
+        raise PreflightError(
+            f"output_dir {output_dir} cannot be written ({error.strerror} in {existing}); choose a writable folder."
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_push(repo_id: str | None, token: str | None) -> str:
+    """A push at the end of the run can succeed: a valid repo id, the Hub reachable, a token the Hub accepts.
+
+    Returns the account name. Found after hours of training, any of these loses the push (the local output stays).
+    """
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not repo_id:
+        raise PreflightError(
+            "push_to_hub is on but there is no repo to push to; set hub_model_id (e.g. you/my-model)."
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PreflightError(
+            f"hub_model_id {repo_id!r} is not a Hub repo id such as 'you/my-model' ({error})."
+        ) from None
+    if constants.HF_HUB_OFFLINE:
+        raise PreflightError(
+            "push_to_hub is on but the Hub is offline (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE or set "
+            "push_to_hub: false and push the output folder later."
+        )
+    token = token or get_token()
+    if not token:
+        raise PreflightError(
+            "push_to_hub is on but there is no Hub login; run `hf auth login` or set HF_TOKEN (not hub_token in "
+            "a recipe), or set push_to_hub: false."
+        )
+    try:
+        account = HfApi(token=token).whoami()
+    except Exception as error:  # an HTTP 401, a connection error ...: the push would fail the same way
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PreflightError(
+            f"push_to_hub is on but the Hub refused the login check ({first}); fix the token / network, or set "
+            "push_to_hub: false."
+        ) from None
+    return str(account.get("name", "")) if isinstance(account, Mapping) else ""
+
+
+def check_utf8_file(path: str | Path) -> None:
+    """A text data file decodes as UTF-8 (else the error would surface as a raw UnicodeDecodeError mid-training)."""
+    path = Path(path)
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise PreflightError(
+                    f"Dataset {path} line {number} is not UTF-8 ({error.reason} at byte {error.start}); convert the "
+                    "file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                ) from None
+
+
+def check_training_rows(rows: Any, source: str, task: str = "memory") -> None:
+    """Rows the trainer can use: the same validator as ``memtrain eval``, plus a non-empty context to read.
+
+    A row with an empty ``context`` (0 chunks) or no gold answer (``answers: []`` or a plain string) trained with
+    rc 0 before: None rewards, steps skipped silently.
+    """
+    from memtrain.evaluation import check_rows
+
+    try:
+        check_rows(rows, task, source=source)
+    except ValueError as error:
+        raise PreflightError(f"{error} Fix or drop the row.".replace("--dataset ", "Dataset ")) from None
+    if task == "search":
+        return
+    for index, row in enumerate(rows):
+        context = row["context"]
+        if not isinstance(context, str) or not context.strip():
+            raise PreflightError(
+                f"Dataset {source} row {index}: `context` is empty; the memory agent has nothing to read. Fix or drop "
+                "the row."
+            )
+        answers = row["answers"]
+        if not all(isinstance(a, str) and a.strip() for a in answers):
+            raise PreflightError(
+                f"Dataset {source} row {index}: `answers` must be a non-empty list of non-empty strings, got "
+                f"{answers!r:.200}. Fix or drop the row."
+            )
+
+
+def check_dataset_size(num_rows: int, *, generation_batch_size: int, num_generations: int, source: str) -> None:
+    """At least one optimizer step of documents (else TRL finds 'not a single sample' and saves the untrained base)."""
+    needed = generation_batch_size // num_generations
+    if num_rows < needed:
+        raise PreflightError(
+            f"Dataset {source} has {num_rows} document(s) but one step needs {needed} (generation batch "
+            f"{generation_batch_size} rollouts / num_generations {num_generations}); add documents or lower "
+            "per_device_train_batch_size / gradient_accumulation_steps."
+        )
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    """A checkpoint whose save finished: trainer_state.json (written last) parses and no file is empty."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all(p.stat().st_size > 0 for p in checkpoint.iterdir() if p.is_file())
+
+
+def complete_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """(complete, incomplete) ``checkpoint-N`` folders of ``output_dir``, oldest step first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return [], []
+    found = sorted(
+        (int(m[1]), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name)) is not None
+    )
+    complete = [p for _, p in found if _is_complete(p)]
+    return complete, [p for _, p in found if p not in complete]
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose save finished; a save killed half-way (0-byte optimizer.pt ...) is skipped."""
+    complete, _ = complete_checkpoints(output_dir)
+    return complete[-1] if complete else None
+
+
+def is_complete_checkpoint(checkpoint: str | Path) -> bool:
+    return _is_complete(Path(checkpoint))
