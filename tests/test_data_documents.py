@@ -146,3 +146,21 @@ def test_neighbours_and_filler_are_entity_bearing_paragraphs_like_the_paper(para
     assert all(extractor([by_id[pid]])[0] for pid in used)
     unfiltered = build_documents(corpus, _config(num_documents=10, filter_paragraphs=False), extractor=extractor)
     assert any(pid.startswith("plain") for row in unfiltered.rows for pid in row["paragraph_ids"])
+
+
+def test_an_answer_readable_in_a_document_header_is_dropped(extractor):
+    # "Document 3:" headers hold the numbers 1..8 of an 8-paragraph document: a pivot whose only entity is one of
+    # them cannot be masked without leaving the answer in a header, so it yields no document
+    names = ["Ada", "Bea", "Cyd", "Dot", "Eve", "Fay", "Gil", "Hal", "Ivy", "Jo", "Kit", "Lu"]
+    corpus = [
+        {"id": str(k), "title": "", "text": f"The old farmer {name.lower()}ward had {k} cats and kept them in a barn."}
+        for k, name in zip(range(1, 13), names)
+    ]
+    cardinal = EntityExtractor(nlp=extractor.nlp, labels=["CARDINAL"])
+    assert [e.text for e in cardinal([corpus[2]["text"]])[0]] == ["3"]
+    result = build_documents(corpus, _config(num_documents=12), extractor=cardinal)
+    assert sorted(int(row["answers"][0]) for row in result.rows) == [9, 10, 11, 12]
+    assert result.stats.pivots_all_entities_leak == 8  # "1" and "2" may also sit inside "10".."12": embedded
+    assert result.stats.entities_dropped["in_template"] >= 6
+    for row in result.rows:
+        assert_no_leak(row)
