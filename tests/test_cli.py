@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,38 @@ def test_forwarded_subcommands_run_the_scripts_entry_points(tmp_path, capsys):
     # a recipe that is not there is a user error (exit 2, no traceback), reported before anything loads
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml does not exist" in capsys.readouterr().err
+
+
+def test_read_refuses_an_empty_context_before_loading_the_model(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    code = cli.main(["read", "--model", "/does/not/exist", "--context-file", str(empty), "--question", "q"])
+    assert code == 2
+    assert "memtrain read: error: --context-file" in capsys.readouterr().err
+
+
+def test_read_warns_about_what_it_did_not_read(model_dir, context_file, capsys):
+    long_question = "Which river flows through Lyon " * 20 + "?"
+    argv = read_args(model_dir, context_file, "--max-problem-tokens", "16")
+    argv[argv.index("--question") + 1] = long_question
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: the context has \d+ tokens .* \d+ tokens from its middle were NOT read", err)
+    assert re.search(r"pass --max-chunks \d+ to read all of it", err)
+    assert re.search(r"warning: the question was cut to --max-problem-tokens 16: its last \d+ tokens", err)
+    assert cli.main(read_args(model_dir, context_file, "--max-chunks", "40")) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_train_whose_push_fails_is_a_one_line_error(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from conftest import save_built_documents
+    from test_hub import FakeHubServer
+    from test_train import SECRET, full_recipe, write_recipe
+
+    FakeHubServer(monkeypatch, fail_commits=True)
+    documents = save_built_documents(tmp_path / "docs", num_documents=2, corpus_limit=200, seed=1)
+    recipe = full_recipe(tiny_checkpoint, documents, tmp_path / "run", push_to_hub=True, hub_model_id="me/t")
+    assert cli.main(["train", str(write_recipe(tmp_path, recipe)), "--hub_token", SECRET]) == 2
+    err = capsys.readouterr().err
+    assert "memtrain train: error: training finished and" in err and "Traceback" not in err
+    assert (tmp_path / "run" / "model.safetensors").is_file()

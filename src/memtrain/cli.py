@@ -53,6 +53,9 @@ def add_read(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--question", required=True, help="The question (the agent's problem).")
     parser.add_argument("--chunk-size", type=_positive_int, default=5000, help="Tokens per chunk (default 5000).")
     parser.add_argument("--max-chunks", type=_positive_int, default=8, help="Chunks read at most (default 8).")
+    parser.add_argument(
+        "--max-problem-tokens", type=_positive_int, default=1024, help="Question budget; longer keeps its start."
+    )
     parser.add_argument("--max-memory-tokens", type=_positive_int, default=1024, help="Memory budget (default 1024).")
     parser.add_argument("--max-answer-tokens", type=_positive_int, default=1024, help="Answer budget (default 1024).")
     parser.add_argument(
@@ -85,6 +88,10 @@ def run_read(args: argparse.Namespace) -> int:
     if not 0 < args.top_p <= 1:
         raise CliError(f"--top-p must be in (0, 1], got {args.top_p}.")
     context = _read_context(args.context_file)
+    if not context.strip():
+        raise CliError(f"--context-file {args.context_file} is empty: there is nothing to read; pass the long text.")
+    if not args.question.strip():
+        raise CliError("--question is empty; ask the question the memory agent should answer.")
 
     from memtrain.agent.generation import SamplingConfig, TransformersGenerator
     from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
@@ -95,6 +102,7 @@ def run_read(args: argparse.Namespace) -> int:
     config = AgentConfig(
         chunk_size=args.chunk_size,
         max_chunks=args.max_chunks,
+        max_problem_tokens=args.max_problem_tokens,
         max_memory_tokens=args.max_memory_tokens,
         max_answer_tokens=args.max_answer_tokens,
     )
@@ -114,6 +122,7 @@ def run_read(args: argparse.Namespace) -> int:
         f"answered in {done - loaded:.1f}s ({len(trajectory.calls)} model calls, {generated} tokens generated)",
         file=sys.stderr,
     )
+    _warn_truncation(trajectory, args)
     if args.trace_json:
         save_trajectories([trajectory], args.trace_json)
         print(f"[memtrain read] trajectory JSON: {args.trace_json}", file=sys.stderr)
@@ -122,6 +131,27 @@ def run_read(args: argparse.Namespace) -> int:
         print(f"[memtrain read] trajectory HTML: {args.trace_html}", file=sys.stderr)
     print(trajectory.answer)
     return 0
+
+
+def _warn_truncation(trajectory, args: argparse.Namespace) -> None:
+    """Say what the agent did not read: a centre-truncated context or a question cut to its budget."""
+    dropped = trajectory.truncated_tokens
+    if dropped:
+        total = trajectory.metadata["context_tokens"]
+        needed = -(-total // args.chunk_size)
+        print(
+            f"[memtrain read] warning: the context has {total} tokens but --chunk-size {args.chunk_size} x "
+            f"--max-chunks {args.max_chunks} reads {total - dropped}; {dropped} tokens from its middle were NOT read "
+            f"(pass --max-chunks {needed} to read all of it).",
+            file=sys.stderr,
+        )
+    cut = trajectory.metadata.get("problem_truncated_tokens", 0)
+    if cut:
+        print(
+            f"[memtrain read] warning: the question was cut to --max-problem-tokens {args.max_problem_tokens}: its "
+            f"last {cut} tokens were NOT given to the model (pass --max-problem-tokens {args.max_problem_tokens + cut}).",
+            file=sys.stderr,
+        )
 
 
 @register_subcommand("eval")
@@ -152,7 +182,14 @@ def _forward(module_name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
-        importlib.import_module(module_name).main(args.forwarded)
+        module = importlib.import_module(module_name)
+        try:
+            module.main(args.forwarded)
+        except Exception as error:
+            # A push that failed after a complete run (memtrain.train.PushError) is a user-facing error too.
+            if type(error).__name__ == "PushError":
+                raise CliError(str(error)) from None
+            raise
         return 0
 
     return handler
