@@ -334,3 +334,39 @@ def test_non_utf8_and_missing_datasets_are_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"Dataset outputs/data/docs does not exist: no such local"):
         load_training_dataset("outputs/data/docs")
+
+
+CUSTOM_CONFIG = """from transformers import LlamaConfig
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "memtrain_tiny_custom"
+"""
+CUSTOM_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_tiny_custom import TinyCustomConfig
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+"""
+
+
+def test_trust_remote_code_is_honoured(tiny_checkpoint, built_documents, tmp_path, capsys):
+    """A checkpoint whose architecture is code in its folder (auto_map) loads only with trust_remote_code."""
+    config_path = tiny_checkpoint / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_type"] = "memtrain_tiny_custom"
+    config["architectures"] = ["TinyCustomForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": "configuration_tiny_custom.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tiny_custom.TinyCustomForCausalLM",
+    }
+    config_path.write_text(json.dumps(config))
+    (tiny_checkpoint / "configuration_tiny_custom.py").write_text(CUSTOM_CONFIG)
+    (tiny_checkpoint / "modeling_tiny_custom.py").write_text(CUSTOM_MODEL)
+    recipe = full_recipe(tiny_checkpoint, built_documents, tmp_path / "run", save_strategy="no")
+    path = write_recipe(tmp_path, recipe)
+    assert cli([str(path)]) != 0  # without it the custom code is not run
+    assert "trust_remote_code" in capsys.readouterr().err
+    assert "train_runtime" in main([str(path), "--trust_remote_code", "true"])
