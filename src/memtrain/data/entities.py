@@ -262,13 +262,30 @@ def normalise_for_leaks(text: str) -> str:
     return "".join(ch for word in words for ch in word if ch.isalnum())
 
 
-@lru_cache(maxsize=1 << 16)
+_ARTICLES = frozenset({"a", "an", "the"})
+_CACHED_TEXT_CHARS = 4000  # paragraphs are cached (masking tries several entities on them), whole documents not
+
+
 def _normalised_words(text: str) -> tuple[tuple[str, int, int], ...]:
     """(normalised word, start, end) of each whitespace word of ``text`` that is not empty once normalised."""
+    return _normalised_words_cached(text) if len(text) <= _CACHED_TEXT_CHARS else _normalise_words(text)
+
+
+@lru_cache(maxsize=4096)
+def _normalised_words_cached(text: str) -> tuple[tuple[str, int, int], ...]:
+    return _normalise_words(text)
+
+
+def _normalise_words(text: str) -> tuple[tuple[str, int, int], ...]:
     out = []
     for match in _WORD.finditer(text):
         word = match.group()
-        norm = _BREAK if any(token in word for token in _PLACEHOLDERS) else normalise_for_leaks(word)
+        if word.isascii() and word.isalnum():  # most words: the full normalisation reduces to lower case
+            norm = "" if word.lower() in _ARTICLES else word.lower()
+        elif any(token in word for token in _PLACEHOLDERS):
+            norm = _BREAK
+        else:
+            norm = normalise_for_leaks(word)
         if norm:
             out.append((norm, match.start(), match.end()))
     return tuple(out)
