@@ -79,17 +79,33 @@ def test_token_mean_weights_every_completion_token_equally():
     assert [r.weight for r in rows] == pytest.approx([1 / 16] * 3)
 
 
-def test_conversation_mean_averages_per_conversation_first():
-    # conversation 0 has 3 + 1 = 4 tokens, conversation 1 has 4: each token weighs 1 / (tokens of its conversation x 2)
+def test_conversation_mean_averages_per_model_call_first():
+    """The paper's equation: every model call (row) is a conversation; 3 rows -> each row's tokens sum to 1/3."""
     rows = [_row(5, 3, 0), _row(5, 1, 0), _row(5, 4, 1)]
     local = assign_loss_weights(rows, "conversation_mean")
+    assert local == 3
+    assert [r.weight for r in rows] == pytest.approx([1 / 9, 1 / 3, 1 / 12])
+    assert [r.weight * len(r.completion_ids) for r in rows] == pytest.approx([1 / 3] * 3)
+    assign_loss_weights(rows, "conversation_mean", total=6)
+    assert [r.weight * len(r.completion_ids) for r in rows] == pytest.approx([1 / 6] * 3)
+
+
+def test_rollout_mean_averages_per_rollout_first():
+    # rollout 0 has 3 + 1 = 4 tokens, rollout 1 has 4: each token weighs 1 / (tokens of its rollout x 2)
+    rows = [_row(5, 3, 0), _row(5, 1, 0), _row(5, 4, 1)]
+    local = assign_loss_weights(rows, "rollout_mean")
     assert local == 2
     assert [r.weight for r in rows] == pytest.approx([1 / 8, 1 / 8, 1 / 8])
     rows = [_row(5, 2, 0), _row(5, 6, 1)]
-    assign_loss_weights(rows, "conversation_mean")
-    # a per-token loss of 1 everywhere gives (2 x 1/4 + 6 x 1/12) = 1: the mean of two conversation means of 1.
+    assign_loss_weights(rows, "rollout_mean")
+    # a per-token loss of 1 everywhere gives (2 x 1/4 + 6 x 1/12) = 1: the mean of two rollout means of 1.
     assert [r.weight for r in rows] == pytest.approx([1 / 4, 1 / 12])
     assert sum(r.weight * len(r.completion_ids) for r in rows) == pytest.approx(1.0)
+
+
+def test_unknown_aggregation_is_refused():
+    with pytest.raises(ValueError, match="conversation_mean, token_mean, rollout_mean"):
+        assign_loss_weights([_row(1, 1, 0)], "sequence_mean")
 
 
 def test_packing_respects_the_token_budget_and_keeps_every_row():

@@ -19,7 +19,11 @@ import yaml
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 from memtrain.agent.memory_agent import AgentConfig
+from memtrain.grpo import LOSS_AGGREGATIONS
 from memtrain.rewards import RECALL_METRICS
+
+
+RECALL_LAMBDA = 0.5  # the paper's weight of the recall reward in R_i (PAPER.md section 4)
 
 
 @dataclass
@@ -45,7 +49,26 @@ class MemTrainConfig(GRPOConfig):
 
     ``num_generations`` is G1, the rollouts per document; ``per_device_train_batch_size`` counts rollouts (as TRL
     counts completions), so a step trains ``per_device_train_batch_size / num_generations`` documents per device.
+
+    The defaults are the paper's objective (PAPER.md section 5), so a recipe that omits a key still trains MemTrain:
+    R_i = EM_i + 0.5 x mean recall EM (``reward_weights`` None gives ``memory_recall`` lambda = 0.5 and every other
+    reward 1.0), mean-centred advantages without the std (``scale_rewards: none``), DAPO filtering, PPO clip
+    0.2/0.2, KL coefficient 1e-3, lr 1e-6 with 20 warm-up steps then constant, weight decay 0.01, grad clip 1.0,
+    temperature 1.0, top_p 1.0, G1 = G2 = 8, and the loss averaged per model call (``conversation_mean``).
     """
+
+    # TRL's defaults overridden by the paper's.
+    beta: float = field(default=1e-3, metadata={"help": "KL coefficient (k3 estimator, as a loss term); paper 1e-3."})
+    scale_rewards: str = field(
+        default="none",
+        metadata={"help": "`none` (paper, Dr. GRPO: advantages mean-centred only), `group` or `batch` std scaling."},
+    )
+    epsilon_high: float | None = field(default=0.2, metadata={"help": "Upper PPO clip; paper 0.2."})
+    lr_scheduler_type: str = field(
+        default="constant_with_warmup", metadata={"help": "Paper: `warmup_steps` of linear warm-up, then constant."}
+    )
+    warmup_steps: float = field(default=20, metadata={"help": "Linear warm-up steps; paper 20."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay; paper 0.01."})
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["masked_entity_em", "memory_recall"],
@@ -115,10 +138,12 @@ class MemTrainConfig(GRPOConfig):
         default=True, metadata={"help": "Drop groups whose rewards are all equal (DAPO dynamic filtering)."}
     )
     loss_aggregation: str = field(
-        default="token_mean",
+        default="conversation_mean",
         metadata={
-            "help": "`token_mean`: every generated token of the step weighs the same. `conversation_mean`: average "
-            "per rollout first (the paper's equation), then over rollouts and recall answers."
+            "help": "`conversation_mean` (the paper's equation): each model call (memory update, final answer, recall "
+            "answer) is a conversation; average its tokens, then over all calls of the step. `token_mean` (the "
+            "reference code): every generated token of the step weighs the same. `rollout_mean`: average over a "
+            "whole rollout's calls first, then over rollouts and recall answers."
         },
     )
     max_tokens_per_microbatch: int = field(
@@ -140,10 +165,13 @@ class MemTrainConfig(GRPOConfig):
             raise ValueError(f"recall_chunk_policy must be `any` or `latest`, got {self.recall_chunk_policy!r}.")
         if self.recall_metric not in RECALL_METRICS:
             raise ValueError(f"recall_metric must be one of {', '.join(RECALL_METRICS)}, got {self.recall_metric!r}.")
-        if self.loss_aggregation not in {"token_mean", "conversation_mean"}:
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
             raise ValueError(
-                f"loss_aggregation must be `token_mean` or `conversation_mean`, got {self.loss_aggregation!r}."
+                f"loss_aggregation must be one of {', '.join(LOSS_AGGREGATIONS)}, got {self.loss_aggregation!r}."
             )
+        if self.reward_weights is None:
+            # The paper's coupling R_i = EM_i + lambda x recall, lambda = 0.5; TRL's None would mean lambda = 1.
+            self.reward_weights = [RECALL_LAMBDA if name == "memory_recall" else 1.0 for name in self.reward_funcs]
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} values but reward_funcs names "

@@ -59,7 +59,7 @@ def group_advantages(
 class TrainingRow:
     """One model call as a training sequence: loss on ``completion_ids`` only, given exactly ``prompt_ids``.
 
-    ``conversation`` identifies the rollout (or recall answer) the call belongs to, for the per-conversation mean.
+    ``conversation`` identifies the rollout (or recall answer) the call belongs to, for ``rollout_mean``.
     ``weight`` is the per-token loss weight, set by :func:`assign_loss_weights`.
     """
 
@@ -76,13 +76,18 @@ class TrainingRow:
         return len(self.prompt_ids) + len(self.completion_ids)
 
 
-def assign_loss_weights(rows: list[TrainingRow], aggregation: str, total: float | None = None) -> float:
-    """Set each row's per-token weight so the step's loss is a token mean or a per-conversation mean.
+LOSS_AGGREGATIONS = ("conversation_mean", "token_mean", "rollout_mean")
 
-    ``token_mean``: every completion token weighs 1 / (all completion tokens of the step).
-    ``conversation_mean``: a conversation's tokens weigh 1 / (its tokens x number of conversations), i.e. the mean
-    over conversations of each conversation's token mean (the paper's equation).
-    ``total`` is the global denominator (tokens or conversations summed over all processes); computed locally when
+
+def assign_loss_weights(rows: list[TrainingRow], aggregation: str, total: float | None = None) -> float:
+    """Set each row's per-token weight so the step's loss is the mean the aggregation names.
+
+    ``conversation_mean`` (the paper's equation, where every model call is a conversation): a row's tokens weigh
+    1 / (its tokens x number of rows), the mean over model calls of each call's token mean.
+    ``token_mean`` (the reference code): every completion token weighs 1 / (all completion tokens of the step).
+    ``rollout_mean``: a rollout's calls together weigh as much as one recall answer: 1 / (the rollout's tokens x
+    number of rollouts and recall answers), grouping rows by ``TrainingRow.conversation``.
+    ``total`` is the global denominator (tokens, rows or rollouts summed over all processes); computed locally when
     omitted. Returns the local denominator, so distributed callers can sum it across processes first.
     """
     if aggregation == "token_mean":
@@ -92,18 +97,25 @@ def assign_loss_weights(rows: list[TrainingRow], aggregation: str, total: float 
             row.weight = 1.0 / denominator if denominator > 0 else 0.0
         return local
     if aggregation == "conversation_mean":
-        tokens_per_conversation: dict[int, int] = {}
-        for row in rows:
-            tokens_per_conversation[row.conversation] = tokens_per_conversation.get(row.conversation, 0) + len(
-                row.completion_ids
-            )
-        local = float(sum(1 for n in tokens_per_conversation.values() if n > 0))
+        local = float(sum(1 for r in rows if r.completion_ids))
         denominator = total if total is not None else local
         for row in rows:
-            n = tokens_per_conversation[row.conversation]
+            n = len(row.completion_ids)
             row.weight = 1.0 / (n * denominator) if n > 0 and denominator > 0 else 0.0
         return local
-    raise ValueError(f"loss aggregation must be `token_mean` or `conversation_mean`, got {aggregation!r}.")
+    if aggregation == "rollout_mean":
+        tokens_per_rollout: dict[int, int] = {}
+        for row in rows:
+            tokens_per_rollout[row.conversation] = tokens_per_rollout.get(row.conversation, 0) + len(
+                row.completion_ids
+            )
+        local = float(sum(1 for n in tokens_per_rollout.values() if n > 0))
+        denominator = total if total is not None else local
+        for row in rows:
+            n = tokens_per_rollout[row.conversation]
+            row.weight = 1.0 / (n * denominator) if n > 0 and denominator > 0 else 0.0
+        return local
+    raise ValueError(f"loss aggregation must be one of {', '.join(LOSS_AGGREGATIONS)}, got {aggregation!r}.")
 
 
 def pack_micro_batches(rows: list[TrainingRow], max_tokens: int) -> list[list[TrainingRow]]:
