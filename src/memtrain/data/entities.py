@@ -20,7 +20,8 @@ troops" leaks "North Koreans", "Zurich" leaks "Zürich". Masking then goes:
 2. Every remaining leak (the normalised forms above) is masked too, a possessive "'s" kept outside the token.
 3. Rejections (:class:`EntityLeakError`, counted by the document builder, the caller tries another entity):
    ``common_word``: the entity has capitals and a one-word match is all lower case ("we may go" for "May", "told
-   us" for "US", "will act" for "Will"): masking would hide an ordinary word and leaving it would leak the answer, so the
+   us" for "US", "will act" for "Will"), or a one-word lower-case VARIANT ("each year" for the DATE "the year"):
+   masking would hide an ordinary word and leaving it would leak the answer, so the
    entity is dropped. ``embedded``: the entity is still found inside a longer word after masking ("Parisian" for
    "Paris", "1911" for "11"), which would need half a word masked. ``in_token``: the token itself contains the
    entity ("Mask" in ``[MASK]``). ``no_content``: the entity normalises to nothing ("The").
@@ -401,8 +402,9 @@ def _mask_one(text: str, entity: str, token: str, index: int) -> tuple[str, int]
         )
     variants = find_variant_leaks(masked, entity)
     for start, end in variants:
-        if _is_common_word(entity, masked[start:end]):
-            raise _common_word_error(entity, masked[start:end], index)
+        surface = masked[start:end]
+        if _is_common_word(entity, surface) or _is_common_word(surface.upper(), surface):
+            raise _common_word_error(entity, surface, index)  # also "year" for the DATE "the year"
     for start, end in reversed(variants):
         masked = masked[:start] + token + masked[end:]
     return masked, count + len(variants)
