@@ -118,6 +118,16 @@ def test_extract_answer_lenient(text, answer):
     assert extract_answer(text, mode="lenient") == answer
 
 
+def test_masked_entity_match_removes_whitespace_and_latex_escapes_as_the_paper():
+    assert masked_entity_match(r"\boxed{NewYork}", "New York")
+    assert masked_entity_match(r"\boxed{50\%}", "50%")
+    assert masked_entity_match(r"\boxed{\$5 million}", "$5 million")
+    assert masked_entity_match(r"\boxed{AT\&T}", "AT&T")
+    assert masked_entity_match(r"\boxed{50%}", r"50\%")  # escapes are undone on both sides
+    assert not masked_entity_match(r"\boxed{50}", "50%")
+    assert not masked_entity_match(r"\boxed{New-York}", "New York")  # punctuation still counts
+
+
 def test_masked_entity_match_is_case_and_space_insensitive_only():
     assert masked_entity_match(r"\boxed{marie   CURIE}", "Marie Curie")
     assert masked_entity_match("\\boxed{ Marie\n\tCurie }", "Marie Curie")

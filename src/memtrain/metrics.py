@@ -6,7 +6,7 @@ must not be mixed up:
 - SQuAD-normalised metrics (:func:`exact_match`, :func:`substring_match`, :func:`f1_score`) for long-text QA and
   search QA, as in MemAgent's and MEM1's evaluations.
 - The paper's masked-reconstruction rule (:func:`masked_entity_match`): the boxed answer must equal the masked entity
-  up to case and whitespace only.
+  up to case, whitespace and LaTeX escapes only.
 """
 
 from __future__ import annotations
@@ -188,17 +188,23 @@ def extract_answer(text: str, mode: ExtractionMode = "strict") -> str | None:
     return answer or None
 
 
+_LATEX_ESCAPE = re.compile(r"\\([^A-Za-z0-9\s])")
+
+
 def _case_space_fold(s: str) -> str:
-    return " ".join(s.split()).lower()
+    """The paper's answer comparison: LaTeX escapes (``\\%``, ``\\$``, ``\\&``...) unescaped, all whitespace removed,
+    lower case."""
+    return "".join(_LATEX_ESCAPE.sub(r"\1", s).split()).lower()
 
 
 def masked_entity_match(prediction_text: str, gold: str | Sequence[str], lenient: bool = False) -> bool:
     """The paper's reward for masked reconstruction and memory recall: boxed answer == entity, up to case/whitespace.
 
     Unlike SQuAD EM, punctuation and articles are NOT dropped: the target is one exact span of the document (an
-    entity such as "The Beatles" or "U.S."), so "Beatles" is a wrong reconstruction. Only letter case and runs of
-    whitespace are ignored. ``lenient`` extracts the answer with :func:`extract_answer`'s lenient rule instead of
-    requiring a box; the comparison itself is the same. ``gold`` may list several accepted spellings.
+    entity such as "The Beatles" or "U.S."), so "Beatles" is a wrong reconstruction. As in the reference code, only
+    letter case and whitespace (removed entirely: "New York" == "NewYork") are ignored, and LaTeX escapes a model
+    writes inside ``\\boxed{}`` are undone ("50\\%" == "50%", "\\$5" == "$5"). ``lenient`` extracts the answer
+    with :func:`extract_answer`'s lenient rule instead of requiring a box; the comparison itself is the same. ``gold`` may list several accepted spellings.
     """
     answer = extract_answer(prediction_text, "lenient" if lenient else "strict")
     if answer is None:

@@ -213,7 +213,8 @@ def _f1_score(text: str, golds: list[str], lenient: bool) -> float:
 _ANSWER_REWARDS: dict[str, tuple[Callable[[str, list[str], bool], float], str]] = {
     "masked_entity_em": (
         _masked_entity_score,
-        "1.0 if the final answer equals a masked entity in `answers` up to case and whitespace (the paper's reward).",
+        "1.0 if the final answer equals a masked entity in `answers` up to case, whitespace and LaTeX escapes (the "
+        "paper's reward).",
     ),
     "answer_em": (_em_score, "SQuAD exact match of the final answer against `answers` (search QA)."),
     "answer_sub_em": (_sub_em_score, "MemAgent's sub-EM: a SQuAD-normalised gold inside the final answer."),
