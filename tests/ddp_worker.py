@@ -19,6 +19,11 @@ from memtrain.rewards import REWARD_FUNCS
 from memtrain.trainer import MemTrainer
 
 
+# logged values that must be the global ones (the ranks read documents of different lengths, so local ones differ)
+GATHERED = ("chunks/mean", "memory_tokens/mean", "recall_accuracy", "recall_groups_filtered", "entropy",
+            "clip_ratio/region_mean", "rows_trained", "reward")  # fmt: skip
+
+
 def answer_length_reward(completions, **kwargs):
     return [len(text) / 10 for text in completions]
 
@@ -34,7 +39,7 @@ def main(tokenizer_dir: str, out: str) -> None:
     ]  # fmt: skip
     args = MemTrainConfig(
         output_dir=str(Path(out) / "run"), per_device_train_batch_size=2, num_generations=2, recall_samples=2,
-        max_steps=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+        max_steps=2, learning_rate=1e-2, warmup_steps=0, beta=0.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
         bf16=False, reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
         trajectory_html_steps=0, lenient_recall=True, shuffle_dataset=False, seed=0,
     )  # fmt: skip
@@ -50,6 +55,7 @@ def main(tokenizer_dir: str, out: str) -> None:
         "world_size": trainer.accelerator.num_processes, "global_step": trainer.state.global_step,
         "generator_calls": trainer.generator.calls, "checksum": checksum,
         "rows_trained": [h["rows_trained"] for h in trainer.state.log_history if "rows_trained" in h],
+        "logged": [{k: h.get(k) for k in GATHERED} for h in trainer.state.log_history if "rows_trained" in h],
     }  # fmt: skip
     Path(out, f"rank{rank}.json").write_text(json.dumps(report), encoding="utf-8")
 

@@ -268,6 +268,7 @@ def _check_kl_against_hand(trainer: MemTrainer, policy, reference_logps, beta: f
         row.weight = 1.0 / 7
     trainer._metrics["train"]["kl"].clear()
     loss = trainer._micro_batch_loss(trainer.model, rows, "train")
+    trainer._log_loss_metrics("train")
     kl_tokens, want_loss = [], 0.0
     for row in rows:
         policy_logps = _hand_logps(policy, row)
@@ -345,7 +346,69 @@ def test_ppo_clip_stops_the_gradient_outside_the_trust_region(scripted):
     trainer.model.zero_grad()
     loss = trainer._micro_batch_loss(trainer.model, [row], "train")
     loss.backward()
+    trainer._log_loss_metrics("train")
     grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
     assert all(float(g.abs().max()) == 0.0 for g in grads)
     assert float(loss) == pytest.approx(-(1 + trainer.epsilon_high) * row.advantage * len(row.completion_ids))
     assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] == 1.0
+
+
+SEARCH_RIGHT = [True, False, True, True]  # rollouts of 2 questions x G1 = 2
+
+
+class ScriptedSearchBackend(ScriptedBackend):
+    """Turn 1 of rollout i: think ``state r<i>`` and search; turn 2: answer, right or wrong as SEARCH_RIGHT says."""
+
+    def __call__(self, prompt_ids, images=None, multimodal_fields=None, num_generations=1, **kwargs):
+        completions = []
+        for position, ids in enumerate(prompt_ids):
+            text = self.tokenizer.decode(ids)
+            note = re.search(r"state r(\d+)", text)
+            if note is None:
+                reply = f"<think>state r{position}</think><search>Hamlet playwright</search>"
+            else:
+                i = int(note.group(1))
+                reply = f"<think>state r{i} done</think><answer>{self.answers[i] if SEARCH_RIGHT[i] else 'x'}</answer>"
+            self.prompts.append(("search", text))
+            completions.append(self._encode(reply))
+        return completions, None
+
+
+def test_search_agent_rows_carry_their_rollouts_centred_advantage(tiny_model, tokenizer, tmp_path):
+    fixtures = Path(__file__).parent / "fixtures"
+    question = {"prompt": "Who wrote Hamlet?", "answers": ["William Shakespeare"]}
+    batch = [dict(question, id="q0"), dict(question, id="q0"), dict(question, id="q1"), dict(question, id="q1")]
+    trainer = MemTrainer(
+        model=tiny_model,
+        args=MemTrainConfig(
+            output_dir=str(tmp_path / "run"),
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_steps=1,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+            trajectory_html_steps=0,
+            beta=0.0,
+            agent_type="search",
+            retriever=str(fixtures / "search" / "dpr_passages_200.jsonl"),
+            search_max_turns=2,
+            search_max_new_tokens=32,
+            reward_funcs=["search_em"],
+            train_recall_answers=False,
+        ),  # fmt: skip
+        train_dataset=Dataset.from_list(batch),
+        processing_class=tokenizer,
+    )
+    backend = ScriptedSearchBackend(tokenizer, ["William Shakespeare"] * 4)
+    trainer._generate_single_turn = backend
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    rows = trainer._rollout_and_score(batch)
+    # question 0: EM 1 vs 0 -> advantages +0.5 / -0.5 on both turns; question 1: both right -> filtered, no rows
+    assert sorted((r.conversation, r.kind) for r in rows) == [(0, "final"), (0, "search"), (1, "final"), (1, "search")]
+    for row in rows:
+        assert row.advantage == pytest.approx(0.5 if row.conversation == 0 else -0.5)
+        assert f"state r{row.conversation}" in tokenizer.decode(row.prompt_ids + row.completion_ids)
+    assert [r.weight * len(r.completion_ids) for r in rows] == pytest.approx([0.25] * 4)

@@ -165,7 +165,7 @@ def save_reward_curves(history: Sequence[dict[str, Any]], path: str | Path) -> P
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    keys = [k for k in ("reward", "recall_accuracy", "final_accuracy") if any(k in h for h in history)]
+    keys = [k for k in ("reward", "recall_accuracy") if any(k in h for h in history)]
     keys += sorted({k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")})
     if not keys:
         return None

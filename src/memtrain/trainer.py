@@ -214,6 +214,7 @@ class MemTrainer(GRPOTrainer):
         self._entity_tools = entity_tools
         self._skip_next_optimizer_step = False
         self._last_trajectories: list[Trajectory] = []
+        self._pending_loss_sums: dict[str, torch.Tensor] = {}  # entropy, KL, clipped, tokens summed per mode
 
     # ------------------------------------------------------------------ optimizer: skip empty steps
     def create_optimizer(self, *args, **kwargs):
@@ -390,30 +391,33 @@ class MemTrainer(GRPOTrainer):
             valid = column[~torch.isnan(column)]
             metrics[f"rewards/{func.__name__}/mean"].append(float(valid.mean()) if len(valid) else math.nan)
         metrics["reward"].append(float(total_rewards.mean()))
-        first = rewards_per_func[:, 0]
-        metrics["final_accuracy"].append(
-            float(first[~torch.isnan(first)].mean()) if (~torch.isnan(first)).any() else 0.0
-        )
-        if self.search_agent is None:
-            metrics["recall_accuracy"].append(sum(probe_rewards) / len(probe_rewards) if probe_rewards else math.nan)
-            metrics["recall_probes_without_entity"].append(float(sum(p is None for p in probes)))
-        else:
-            metrics["searches/mean"].append(
-                sum(t.metadata.get("num_searches", 0) for t in trajectories) / max(len(trajectories), 1)
-            )
+        # Per-process counts summed over processes in one collective, so every logged value is the global one.
         updates = [c for t in trajectories for c in t.calls if c.kind == "update"]
-        if updates:
-            lengths = [len(c.completion_ids) for c in updates]
-            metrics["memory_tokens/mean"].append(sum(lengths) / len(lengths))
-            metrics["memory_tokens/max"].append(float(max(lengths)))
-            metrics["memory_truncated_ratio"].append(sum(not c.finished for c in updates) / len(updates))
-        metrics["chunks/mean"].append(sum(len(t.chunks) for t in trajectories) / max(len(trajectories), 1))
-        trained = torch.tensor([float(len(rows)), float(sum(len(r.completion_ids) for r in rows))])
-        trained = self._gather_floats(trained).view(-1, 2).sum(0)
-        metrics["rows_trained"].append(float(trained[0]))
-        metrics["tokens_trained"].append(float(trained[1]))
+        lengths = [len(c.completion_ids) for c in updates]
+        local = [
+            float(sum(probe_rewards)), float(len(probe_rewards)), float(sum(p is None for p in probes)),
+            float(sum(t.metadata.get("num_searches", 0) for t in trajectories)), float(len(trajectories)),
+            float(len(updates)), float(sum(lengths)), float(sum(not c.finished for c in updates)),
+            float(sum(len(t.chunks) for t in trajectories)), float(len(rows)),
+            float(sum(len(r.completion_ids) for r in rows)), float(recall_filtered), float(max(lengths, default=0)),
+        ]  # fmt: skip
+        gathered = self._gather_floats(torch.tensor([local], dtype=torch.float64)).view(-1, len(local))
+        (recall_sum, recall_n, no_entity, searches, n_traj, n_updates, update_tokens, truncated, chunks, n_rows,
+         n_tokens, recall_groups_filtered) = gathered[:, :-1].sum(0).tolist()  # fmt: skip
+        if self.search_agent is None:
+            metrics["recall_accuracy"].append(recall_sum / recall_n if recall_n else math.nan)
+            metrics["recall_probes_without_entity"].append(no_entity)
+        else:
+            metrics["searches/mean"].append(searches / max(n_traj, 1.0))
+        if n_updates:
+            metrics["memory_tokens/mean"].append(update_tokens / n_updates)
+            metrics["memory_tokens/max"].append(float(gathered[:, -1].max()))
+            metrics["memory_truncated_ratio"].append(truncated / n_updates)
+        metrics["chunks/mean"].append(chunks / max(n_traj, 1.0))
+        metrics["rows_trained"].append(n_rows)
+        metrics["tokens_trained"].append(n_tokens)
         metrics["groups_filtered"].append(float(rollout_adv.num_filtered_groups))
-        metrics["recall_groups_filtered"].append(float(recall_filtered))
+        metrics["recall_groups_filtered"].append(recall_groups_filtered)
 
     def _maybe_save_trajectories(self, trajectories, rewards, recall_rewards) -> None:
         every = self.args.trajectory_html_steps
@@ -482,7 +486,8 @@ class MemTrainer(GRPOTrainer):
             with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
                 return self._row_logps(model, batch)[0]
 
-    def _micro_batch_loss(self, model, rows: list[TrainingRow], mode: str) -> torch.Tensor:
+    def _micro_batch_loss(self, model, rows: list[TrainingRow], mode: str, record: bool = True) -> torch.Tensor:
+        """The micro-batch's share of the step loss; ``record`` adds its token sums to the step's logged metrics."""
         batch = collate_rows(rows, self.processing_class.pad_token_id, self.accelerator.device)
         logps, entropies = self._row_logps(model, batch)
         old = batch.get("old_per_token_logps", logps.detach())
@@ -493,19 +498,30 @@ class MemTrainer(GRPOTrainer):
         mask = batch["completion_mask"].to(per_token_loss.dtype)
         loss = (per_token_loss * mask * batch["weights"].unsqueeze(1)).sum()
 
-        tokens = mask.sum().clamp(min=1.0)
-        metrics = self._metrics[mode]
-        if entropies is not None:
-            metrics["entropy"].append(float((entropies * mask).sum() / tokens))
-        if kl is not None:
-            metrics["kl"].append(float((kl.detach() * mask).sum() / tokens))
-        ratio = torch.exp(logps.detach() - old)
-        advantages = batch["advantages"].unsqueeze(1)
-        clipped = ((ratio < 1 - self.epsilon_low) & (advantages < 0)) | (
-            (ratio > 1 + self.epsilon_high) & (advantages > 0)
-        )
-        metrics["clip_ratio/region_mean"].append(float((clipped.float() * mask).sum() / tokens))
+        if record:
+            ratio = torch.exp(logps.detach() - old)
+            advantages = batch["advantages"].unsqueeze(1)
+            clipped = ((ratio < 1 - self.epsilon_low) & (advantages < 0)) | (
+                (ratio > 1 + self.epsilon_high) & (advantages > 0)
+            )
+            kl_sum = (kl.detach() * mask).sum() if kl is not None else torch.zeros((), device=mask.device)
+            sums = torch.stack([(entropies * mask).sum(), kl_sum, (clipped.float() * mask).sum(), mask.sum()])
+            pending = self._pending_loss_sums.get(mode)
+            self._pending_loss_sums[mode] = sums.double() if pending is None else pending + sums.double()
         return loss
+
+    def _log_loss_metrics(self, mode: str) -> None:
+        """Entropy, KL and clip ratio as token means over the whole step on every process (one collective)."""
+        pending = self._pending_loss_sums.pop(mode, None)
+        local = pending if pending is not None else torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)
+        entropy, kl, clipped, tokens = self._gather_floats(local.view(1, 4)).view(-1, 4).sum(0).tolist()
+        if not tokens:
+            return
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(entropy / tokens)
+        if self.beta != 0.0:
+            metrics["kl"].append(kl / tokens)
+        metrics["clip_ratio/region_mean"].append(clipped / tokens)
 
     def _dummy_rows(self) -> list[TrainingRow]:
         pad = self.processing_class.pad_token_id
@@ -545,9 +561,10 @@ class MemTrainer(GRPOTrainer):
             sync = k == n_micro - 1 or self.accelerator.num_processes == 1
             context = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
             with context, self.compute_loss_context_manager():
-                loss = self._micro_batch_loss(model, micro, mode) * (scale * factor)
+                loss = self._micro_batch_loss(model, micro, mode, record=factor != 0.0) * (scale * factor)
                 self.accelerator.backward(loss)
             total = total + loss.detach()
+        self._log_loss_metrics(mode)
         return total
 
     def _prepare_inputs(self, generation_batch: list[dict]) -> list[TrainingRow]:
@@ -571,4 +588,5 @@ class MemTrainer(GRPOTrainer):
                 ),
                 torch.zeros((), device=self.accelerator.device),
             )
+        self._log_loss_metrics("eval")
         return loss.detach(), None, None
