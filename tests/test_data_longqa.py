@@ -239,6 +239,29 @@ def test_build_script_from_recipe(tmp_path, monkeypatch):
     assert not (tmp_path / "big").exists() and not list(tmp_path.glob(".big*"))  # nothing half-written
 
 
+def test_build_checks_its_push_and_output_folder_first_and_keeps_the_output_if_the_push_fails(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from test_hub import FakeHubServer
+
+    from memtrain.data.longqa import main
+    from memtrain.preflight import PreflightError, PushError
+
+    argv = ["--train_source", str(tmp_path / "not-loaded-yet.json"), "--output_dir", str(tmp_path / "out")]
+    push = ["--push_to_hub", "true", "--hub_dataset_id", "me/longqa"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PreflightError, match="the Hub is offline"):  # before the (missing) source is read
+        main([*argv, *push])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(PreflightError, match="cannot be created: .*a-file is a file"):
+        main(["--train_source", str(HOTPOT), "--output_dir", str(tmp_path / "a-file" / "out")])
+    FakeHubServer(monkeypatch, fail_commits=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_the_fake_hub")
+    argv = ["--test_source", str(HOTPOT), "--test_buckets", "20", "--num_test_questions", "2"]
+    with pytest.raises(PushError, match=r"holds the complete local output, but the push to me/longqa failed"):
+        main([*argv, "--output_dir", str(tmp_path / "out"), *push])
+    assert (tmp_path / "out" / "data" / "test_n20-00000-of-00001.parquet").is_file()
+
+
 @pytest.mark.slow
 def test_real_smollm2_closed_book_filter(examples):
     """SmolLM2-135M-Instruct closed-book on the 12 fixture questions: a consistent split, audited replies."""

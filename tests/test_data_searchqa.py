@@ -54,5 +54,5 @@ def test_script_writes_a_loadable_dataset(tmp_path):
         ["--questions", str(FIXTURES / "search" / "nq_test_17.jsonl"), str(FIXTURES / "longqa" / "hotpotqa_train_12.json"),
          "--num_rows", "4", "--output_dir", str(tmp_path / "searchqa")]
     )  # fmt: skip
-    dataset = load_training_dataset(str(out))
+    dataset = load_training_dataset(str(out), task="search")
     assert len(dataset) == 4 and dataset[0]["context"] == "" and len(dataset[0]["questions"]) == 2

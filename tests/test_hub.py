@@ -64,6 +64,9 @@ def test_adapter_card_body_has_recipe_metrics_and_usage():
     assert "````yaml\n# SmolLM2-135M, QLoRA, one consumer GPU\n" in text
     assert "reward_weights: [1.0, 0.5]\n" in text
     assert "hub_token: <redacted>" in text and "SECRETSECRET" not in text
+    # a token given as a bare command-line value (no `key:`) is redacted too
+    bare = adapter_card(recipe_yaml="note: trained with --hub_token hf_BareSecret12345\n")
+    assert "hf_BareSecret12345" not in str(bare) and "--hub_token <redacted>" in str(bare)
     assert "pad_token: <|endoftext|>" in text and "max_new_tokens: 1024" in text
     # the metrics table
     assert "| metric | value |\n|---|---|\n| eval/masked_entity_em | 0.5625 |\n" in text

@@ -43,6 +43,7 @@ _SECRET_KEY = re.compile(
     r"(?P<sep>\s*:\s*)(?P<value>\S.*)$",
     re.IGNORECASE | re.MULTILINE,
 )
+_HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
 _NOT_SECRET_KEYS = re.compile(r"(?:^|_)(?:pad|eos|bos|unk|sep|cls|mask|special)_token$|^max_\w*token$", re.IGNORECASE)
 
 
@@ -114,7 +115,8 @@ def _redact_secrets(recipe_yaml: str) -> str:
             return match[0]
         return f"{match['indent']}{match['key']}{match['sep']}<redacted>"
 
-    return _SECRET_KEY.sub(redact, recipe_yaml)
+    # A token given on a command line travels as a bare value (``--hub_token hf_...``), not as a ``key: value``.
+    return _HF_TOKEN_VALUE.sub("<redacted>", _SECRET_KEY.sub(redact, recipe_yaml))
 
 
 def _code_fence(text: str) -> str:

@@ -18,6 +18,9 @@ from typing import Any
 
 __all__ = [
     "PreflightError",
+    "PushError",
+    "push_failed",
+    "check_writable",
     "SECRET_KEY",
     "is_secret_key",
     "scrub_secrets",
@@ -35,6 +38,21 @@ __all__ = [
 
 class PreflightError(ValueError):
     """A value or a precondition that would make the run fail (or silently do the wrong thing) later."""
+
+
+class PushError(RuntimeError):
+    """The run finished and its output is complete on disk; only the upload to the Hub failed."""
+
+
+def push_failed(error: BaseException, output_dir: str | Path, repo_id: str, repo_type: str = "model") -> PushError:
+    """The one line for a push that failed after the expensive part: what is safe on disk and how to push later."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    flag = " --repo-type dataset" if repo_type == "dataset" else ""
+    return PushError(
+        f"the run finished and {output_dir} holds the complete local output, but the push to {repo_id} failed "
+        f"({type(error).__name__}: {first}); push it later with `hf upload {repo_id} {output_dir}{flag} --exclude "
+        "'checkpoint-*'`."
+    )
 
 
 # Keys whose values are credentials. Tokenizer fields (pad_token, eos_token ...) and token counts are not.
@@ -144,6 +162,12 @@ def check_output_dir(output_dir: str | Path, *, resuming: bool, overwrite: bool 
                 f"output_dir {output_dir} already holds files of another run ({shown}); resume it with "
                 "--resume_from_checkpoint last, choose a new output_dir, or delete the folder."
             )
+    check_writable(output_dir)
+
+
+def check_writable(output_dir: str | Path) -> None:
+    """``output_dir`` (or the folder it will be created in) accepts a file: checked by writing one, not by mode bits."""
+    output_dir = Path(output_dir)
     existing = output_dir
     while not existing.exists():
         existing = existing.parent

@@ -20,6 +20,7 @@ from memtrain.agent.memory_agent import AgentConfig
 from memtrain.configs import MemTrainConfig, MemTrainScriptArguments, RecipeError, load_recipe, parse_recipe_args
 from memtrain.preflight import (
     PreflightError,
+    PushError,
     check_dataset_size,
     check_output_dir,
     check_push,
@@ -30,6 +31,7 @@ from memtrain.preflight import (
     complete_checkpoints,
     is_complete_checkpoint,
     last_complete_checkpoint,
+    push_failed,
     scrub_secrets,
 )
 
@@ -89,10 +91,6 @@ def load_training_dataset(name: str, config: str | None = None, split: str = "tr
         )
     check_training_rows(loaded, source=name, task=task)
     return loaded
-
-
-class PushError(RuntimeError):
-    """Training finished and its output is complete on disk; only the upload to the Hub failed."""
 
 
 def resolve_checkpoint(checkpoint: str | None, output_dir: str) -> str | None:
@@ -220,12 +218,7 @@ def train(
         try:
             push_trained_model(trainer, training_args, model_args, script_args, recipe, metrics, token=hub_token)
         except Exception as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise PushError(
-                f"training finished and {training_args.output_dir} holds the complete local output, but the push to "
-                f"{repo_id} failed ({type(error).__name__}: {first}); push it later with `hf upload {repo_id} "
-                f"{training_args.output_dir} --exclude 'checkpoint-*'`."
-            ) from error
+            raise push_failed(error, training_args.output_dir, repo_id) from error
     return metrics
 
 

@@ -431,12 +431,17 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
     from datasets import Dataset, DatasetDict
 
     from memtrain.data.output import atomic_output_dir
+    from memtrain.preflight import check_push, check_writable, push_failed
 
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
         raise FileExistsError(
             f"{output_dir} exists and is not empty; pass --overwrite_output_dir true or another dir."
         )
+    # Checked before hours of loading / filtering / padding, not found at the end.
+    check_writable(output_dir)
+    if args.push_to_hub:
+        check_push(args.hub_dataset_id, None)
     sources = {}
     if args.train_source:
         sources["train"] = load_examples(args.train_source, args.train_split, args.hub_config)
@@ -492,14 +497,17 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
     if args.push_to_hub:
         from memtrain.hub import push_folder_to_hub
 
-        url = push_folder_to_hub(
-            output_dir,
-            args.hub_dataset_id,
-            private=args.hub_private,
-            repo_type="dataset",
-            ignore_patterns=("dataset/*",),
-            commit_message=f"Long-text QA: {stats['rows']}",
-        )
+        try:
+            url = push_folder_to_hub(
+                output_dir,
+                args.hub_dataset_id,
+                private=args.hub_private,
+                repo_type="dataset",
+                ignore_patterns=("dataset/*",),
+                commit_message=f"Long-text QA: {stats['rows']}",
+            )
+        except Exception as error:
+            raise push_failed(error, output_dir, args.hub_dataset_id, repo_type="dataset") from error
         logger.info("pushed to %s", url)
     return output_dir
 

@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
+    from memtrain.preflight import check_writable
+
+    check_writable(args.output_dir)  # before reading the question files
     sources = [load_qa_pairs(path) for path in args.questions]
     out = write_rows(build_multi_question_rows(sources, args.num_rows, args.seed), args.output_dir)
     print(f"wrote {args.num_rows} search-QA rows to {out}")
