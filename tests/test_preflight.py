@@ -1,0 +1,87 @@
+"""The checks run before anything expensive: each refuses what would fail (or silently misbehave) later."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memtrain.preflight import (
+    PreflightError,
+    check_dataset_size,
+    check_output_dir,
+    check_training_rows,
+    check_training_values,
+    check_utf8_file,
+    is_secret_key,
+    scrub_secrets,
+)
+
+
+def test_secrets_are_dropped_by_key_and_by_value():
+    recipe = {
+        "hub_token": "hf_abcdefghijklmnop",
+        "openai_api_key": "sk-123",
+        "pad_token": "<|endoftext|>",
+        "max_new_tokens": 64,
+        "env": {"HF_TOKEN": "hf_abcdefghijklmnop", "TOKENIZERS_PARALLELISM": "false"},
+        "note": "pushed with --hub_token hf_abcdefghijklmnop",
+        "run_name": "uses mysecretvalue inside",
+    }
+    scrubbed = scrub_secrets(recipe, secrets=["mysecretvalue"])
+    assert scrubbed == {
+        "pad_token": "<|endoftext|>",
+        "max_new_tokens": 64,
+        "env": {"TOKENIZERS_PARALLELISM": "false"},
+        "note": "pushed with --hub_token <redacted>",
+        "run_name": "uses <redacted> inside",
+    }
+    assert is_secret_key("hub_token") and not is_secret_key("eos_token") and not is_secret_key("max_prompt_token")
+
+
+@pytest.mark.parametrize(
+    ("values", "pattern"),
+    [
+        ({"max_steps": "-3"}, "max_steps must be a positive"),
+        ({"max_steps": 0}, "max_steps must be a positive"),
+        ({"max_steps": "1.5"}, "max_steps must be a whole number"),
+        ({"num_generations": "1"}, "num_generations must be >= 2"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
+        ({"num_train_epochs": 0}, "num_train_epochs must be > 0"),
+        ({"learning_rate": "-1e-5"}, "learning_rate must be >= 0"),
+    ],
+)
+def test_impossible_values_are_named(values, pattern):
+    with pytest.raises(PreflightError, match=pattern):
+        check_training_values(values)
+
+
+def test_sensible_values_pass():
+    check_training_values({"max_steps": -1, "num_train_epochs": 1, "num_generations": 8, "learning_rate": "1e-6"})
+    check_training_values({"max_steps": "200", "num_train_epochs": 0})  # epochs are ignored when max_steps is set
+
+
+def test_output_dir_hidden_files_do_not_count_as_a_run(tmp_path):
+    (tmp_path / ".cache").mkdir()
+    check_output_dir(tmp_path, resuming=False)
+    (tmp_path / "trainer_state.json").write_text("{}")
+    with pytest.raises(PreflightError, match="already holds files of another run"):
+        check_output_dir(tmp_path, resuming=False)
+    check_output_dir(tmp_path, resuming=False, overwrite=True)
+    check_output_dir(tmp_path, resuming=True)
+
+
+def test_rows_and_sizes(tmp_path):
+    good = {"prompt": "q", "context": "c", "answers": ["a"]}
+    check_training_rows([good], source="rows")
+    with pytest.raises(PreflightError, match=r"rows row 1: `answers` must be a non-empty list of non-empty"):
+        check_training_rows([good, {**good, "answers": [""]}], source="rows")
+    with pytest.raises(PreflightError, match=r"rows has no rows"):
+        check_training_rows([], source="rows")
+    check_training_rows([{"prompt": "q", "context": "", "answers": [["a"], ["b"]]}], source="s", task="search")
+    with pytest.raises(PreflightError, match=r"has 1 document\(s\) but one step needs 2"):
+        check_dataset_size(1, generation_batch_size=4, num_generations=2, source="d")
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(json.dumps(good).encode() + b"\n" + b'{"prompt": "\xe9"}\n')
+    with pytest.raises(PreflightError, match=r"rows.jsonl line 2 is not UTF-8"):
+        check_utf8_file(path)
