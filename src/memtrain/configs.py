@@ -63,7 +63,6 @@ class MemTrainConfig(GRPOConfig):
         default="none",
         metadata={"help": "`none` (paper, Dr. GRPO: advantages mean-centred only), `group` or `batch` std scaling."},
     )
-    epsilon_high: float | None = field(default=0.2, metadata={"help": "Upper PPO clip; paper 0.2."})
     lr_scheduler_type: str = field(
         default="constant_with_warmup", metadata={"help": "Paper: `warmup_steps` of linear warm-up, then constant."}
     )
