@@ -70,14 +70,25 @@ def touches_chunk_edge(chunk: str, entity: str) -> bool:
     return text.startswith(entity) or text.endswith(entity)
 
 
-def in_template_text(chunk: str, entity: str, template: str = DEFAULT_DOCUMENT_TEMPLATE) -> bool:
-    """True when ``entity`` can be read (any leak form) inside the document template text of ``chunk``."""
-    headers = template_spans(chunk, template)
-    if not headers:
-        return False
-    return any(
-        start < h_end and h_start < end for start, end in find_leaks(chunk, entity) for h_start, h_end in headers
-    )
+def in_template_text(
+    chunk: str,
+    entity: str,
+    template: str = DEFAULT_DOCUMENT_TEMPLATE,
+    headers: Sequence[tuple[int, int]] | None = None,
+) -> bool:
+    """True when ``entity`` can be read (any leak form of :func:`~memtrain.data.entities.find_leaks`) in a span that
+    overlaps the document template text of ``chunk``. ``headers``: that chunk's :func:`template_spans`, if known.
+
+    Only a window around each header is searched, so a 5,000-token chunk with hundreds of entities stays cheap.
+    """
+    headers = template_spans(chunk, template) if headers is None else headers
+    margin = 2 * len(entity) + 16  # a leak form overlapping the header lies within this many characters of it
+    for h_start, h_end in headers:
+        lo, hi = max(0, h_start - margin), min(len(chunk), h_end + margin)
+        for start, end in find_leaks(chunk[lo:hi], entity):
+            if lo + start < h_end and h_start < lo + end:
+                return True
+    return False
 
 
 def probe_candidates(
@@ -92,11 +103,12 @@ def probe_candidates(
     ``template=None`` turns the template guard off (a corpus whose chunks carry no document template).
     """
     kept = []
+    headers = template_spans(chunk, template) if template is not None else []
     for entity in entities:
         reason = None
         if touches_chunk_edge(chunk, entity):
             reason = "chunk_edge"
-        elif template is not None and in_template_text(chunk, entity, template):
+        elif headers and in_template_text(chunk, entity, template, headers):
             reason = "template_text"
         if counts is not None:
             counts["candidates"] += 1
