@@ -5,16 +5,26 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from memtrain.retrieval import Passage, RemoteRetriever, RetrievalServer, Retriever, load_passages, split_contents
+from memtrain.retrieval import (
+    Passage,
+    RemoteRetriever,
+    RetrievalServer,
+    Retriever,
+    load_passages,
+    main,
+    split_contents,
+)
 
 
 CORPUS = Path(__file__).parent / "fixtures" / "search" / "dpr_passages_200.jsonl"
@@ -139,7 +149,7 @@ def test_http_errors_are_clear(server):
         urllib.request.urlopen(request, timeout=10)
     assert info.value.code == 400
     with pytest.raises(ConnectionError, match="cannot reach the retriever at http://127.0.0.1:9/retrieve"):
-        RemoteRetriever("http://127.0.0.1:9", timeout=2).search(["x"])
+        RemoteRetriever("http://127.0.0.1:9", timeout=2, backoff=0.01).search(["x"])
 
 
 def test_serve_script_end_to_end(passages):
@@ -169,3 +179,192 @@ def test_serve_script_end_to_end(passages):
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The service under load (issue 14): bounded requests, slow clients, backlog, --topk at start, client retries
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _post(url: str, body: bytes, timeout: float = 10) -> tuple[int, dict]:
+    request = urllib.request.Request(url + "/retrieve", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_oversized_body_is_refused_quickly_without_touching_the_index(server):
+    """The issue's 10.5 MB request (700k queries) held the index for 110 s; now 413 before any JSON is parsed."""
+    body = json.dumps({"queries": ["who founded the company"] * 700_000, "topk": 100}).encode()
+    assert len(body) > 10_000_000
+    start = time.perf_counter()
+    status, reply = _post(server.url, body)
+    assert time.perf_counter() - start < 5
+    assert status == 413 and "request body of" in reply["error"] and "--max_body_bytes" in reply["error"]
+
+
+def test_too_many_queries_are_refused(server):
+    status, reply = _post(server.url, json.dumps({"queries": ["x"] * (server.max_queries + 1)}).encode())
+    assert status == 413 and f"at most {server.max_queries} queries" in reply["error"]
+    status, _ = _post(server.url, json.dumps({"queries": ["Evan Morris"] * server.max_queries}).encode())
+    assert status == 200
+
+
+def test_topk_above_the_limit_is_refused(server):
+    status, reply = _post(server.url, json.dumps({"queries": ["x"], "topk": 101}).encode())
+    assert status == 400 and "in [1, 100], got 101" in reply["error"]
+
+
+def test_content_length_larger_than_the_body_times_out(retriever):
+    """A client that announces more bytes than it sends used to block a server thread forever."""
+    server = RetrievalServer(retriever, port=0, client_timeout=0.5)
+    server.start_background()
+    try:
+        host, port = server.server_address[:2]
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b'{"queries": [')
+            start = time.perf_counter()
+            reply = b""
+            while chunk := sock.recv(65536):  # the server answers, then closes
+                reply += chunk
+            assert time.perf_counter() - start < 5
+        assert reply.startswith(b"HTTP/1.0 408") and b"sent fewer bytes than its Content-Length" in reply
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_listen_backlog_holds_200_pending_connections(retriever):
+    """Connections that arrive while no thread accepts wait in the backlog (it was 5: 39 of 200 were reset)."""
+    server = RetrievalServer(retriever, port=0)
+    sockets: list[socket.socket] = []
+    try:
+        host, port = server.server_address[:2]
+        failed = 0
+        for _ in range(200):  # not serving yet: every connection must fit in the kernel's accept queue
+            sock = socket.socket()
+            sock.settimeout(0.2)
+            try:
+                sock.connect((host, port))
+                sockets.append(sock)
+            except OSError:
+                failed += 1
+                sock.close()
+        assert failed == 0
+        server.start_background()
+        request = b"POST /retrieve HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(b'{"queries": ["Evan Morris"]}')
+        for sock in sockets:
+            sock.settimeout(30)
+            sock.sendall(request + b'{"queries": ["Evan Morris"]}')
+        answered = sum(b" 200 " in sock.recv(64).split(b"\r\n")[0] for sock in sockets)
+        assert answered == 200
+    finally:
+        for sock in sockets:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_200_concurrent_clients_all_answered_while_an_oversized_request_is_refused(server, retriever, passages):
+    """The load test, bounded: 200 clients at once (1 query each) plus one oversized request, all on 127.0.0.1."""
+    queries = [q for q, _ in source_queries(passages, 29)]
+    expected = [[p.id for p in hits] for hits in retriever.search(queries, k=3)]
+    got: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(201)
+
+    def client(i: int) -> None:
+        barrier.wait(timeout=30)
+        try:
+            got[i] = [p.id for p in RemoteRetriever(server.url, timeout=30).search([queries[i % len(queries)]])[0]]
+        except BaseException as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    oversized: list[int] = []
+
+    def big() -> None:
+        barrier.wait(timeout=30)
+        oversized.append(_post(server.url, b'{"queries": [' + b'"x", ' * 300_000 + b'"x"]}', timeout=30)[0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(200)] + [threading.Thread(target=big)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert time.perf_counter() - start < 60
+    assert errors == [] and oversized == [413]
+    assert all(got[i] == expected[i % len(queries)] for i in range(200))
+
+
+def test_server_refuses_a_bad_default_topk_at_start():
+    with pytest.raises(SystemExit):
+        main(["--corpus", str(CORPUS), "--topk", "500", "--port", "0"])
+    with pytest.raises(ValueError, match=r"default_topk must be in \[1, 100\]"):
+        RetrievalServer(Retriever(load_passages(CORPUS, limit=20)), port=0, default_topk=500)
+
+
+def test_serve_script_refuses_topk_500_with_a_clear_message():
+    """`--topk 500` used to start and then fail every request; now it exits at once naming the limit."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "serve_retriever.py"), "--corpus", str(CORPUS), "--topk", "500"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--topk 500 is out of range: a request may ask for 1 to 100 passages" in result.stderr
+
+
+def test_topk_larger_than_the_corpus_is_refused_at_start():
+    with pytest.raises(SystemExit):
+        main(["--corpus", str(CORPUS), "--limit", "20", "--topk", "50", "--port", "0"])
+
+
+class _ResetFirst(RetrievalServer):
+    """A real retrieval server whose first ``resets`` connections are reset (RST), as an overflowing backlog does."""
+
+    resets = 2
+
+    def process_request(self, request, client_address):
+        if self.resets > 0:
+            self.resets -= 1
+            request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.close()
+            return
+        super().process_request(request, client_address)
+
+
+def test_remote_retriever_retries_a_reset_connection(retriever):
+    server = _ResetFirst(retriever, port=0)
+    server.start_background()
+    try:
+        hits = RemoteRetriever(server.url, backoff=0.01).search(["Evan Morris lobbyist Genentech"], k=1)
+        assert hits[0][0].title == "Evan Morris" and server.resets == 0
+        server.resets = 10
+        with pytest.raises(ConnectionError, match=r"after 3 attempts .*max_attempts"):
+            RemoteRetriever(server.url, max_attempts=3, backoff=0.01).search(["x"])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_remote_retriever_does_not_retry_a_refused_request(server):
+    """A 4xx is the request's fault: retrying would only repeat it."""
+    calls = []
+    remote = RemoteRetriever(server.url, backoff=0.01)
+    original = remote._post_once
+    remote._post_once = lambda body: calls.append(1) or original(body)
+    with pytest.raises(RuntimeError, match="answered 400"):
+        remote.search(["x"], k=0)
+    assert len(calls) == 1
+
+
+def test_remote_retriever_splits_large_batches(server, retriever, passages):
+    queries = [q for q, _ in source_queries(passages, 29)] * 30  # 870 > the server's 512 per request
+    got = RemoteRetriever(server.url, max_queries_per_request=200).search(queries, k=2)
+    assert [[p.id for p in hits] for hits in got] == [[p.id for p in hits] for hits in retriever.search(queries, 2)]

@@ -6,14 +6,22 @@ The index is built with :func:`memtrain.data.neighbours.build_index` (BM25 by de
 ``search`` interface. The wire format follows Search-R1's retriever: ``POST /retrieve`` with
 ``{"queries": [...], "topk": k}`` answers ``{"result": [[passage, ...], ...]}`` (with ``"return_scores": true``,
 each item is ``{"document": passage, "score": s}`` as Search-R1's clients expect).
+
+Under load (issue 14) the service bounds what one request may cost: the body size (413 before any JSON is parsed),
+the queries per request (413) and ``topk`` (400); a client slower than ``client_timeout`` gets 408 instead of holding a
+thread forever; the listen backlog holds 1024 pending connections; a big request searches in chunks so it cannot hold
+the index for the others. :class:`RemoteRetriever` retries resets, refusals and 5xx with backoff (queries are
+idempotent), never a 4xx, and splits large batches under the server's per-request limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +34,12 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 MAX_TOPK = 100
+MAX_QUERIES = 512  # per request; RemoteRetriever sends at most DEFAULT_CLIENT_BATCH, under it
+MAX_BODY_BYTES = 1 << 20  # 512 queries of ~2 KB: a request over 1 MiB is a mistake, not a batch
+CLIENT_TIMEOUT = 10.0  # seconds a client may take to send its request
+DRAIN_LIMIT = 64 << 20  # an oversized body up to this is read and dropped so the client sees the 413, not a reset
+SEARCH_CHUNK = 64  # queries per hold of the index lock: a big request cannot starve the others
+DEFAULT_CLIENT_BATCH = 256
 
 
 @dataclass
@@ -124,10 +138,14 @@ class Retriever:
         if not queries:
             return []
         k = min(k, len(self.passages))
-        with self._lock:
-            scores, indices = self.index.search(list(queries), k)
+        queries = list(queries)
+        rows = []
+        for start in range(0, len(queries), SEARCH_CHUNK):  # the lock is released between chunks (fair under load)
+            with self._lock:
+                scores, indices = self.index.search(queries[start : start + SEARCH_CHUNK], k)
+            rows.extend(zip(scores, indices, strict=True))
         results = []
-        for row_scores, row_indices in zip(scores, indices, strict=True):
+        for row_scores, row_indices in rows:
             hits = []
             for score, index in zip(row_scores, row_indices, strict=True):
                 if int(index) < 0 or (self.method == "bm25" and score <= 0):
@@ -143,8 +161,22 @@ class Retriever:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class _RequestError(Exception):
+    """A request the service refuses: HTTP ``status`` and a one-line message naming the fix."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class _RetrieveHandler(BaseHTTPRequestHandler):
     server: RetrievalServer
+
+    def setup(self) -> None:
+        self.timeout = (
+            self.server.client_timeout
+        )  # StreamRequestHandler sets it on the socket: no thread waits forever
+        super().setup()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.rstrip("/") != "/health":
@@ -157,9 +189,10 @@ class _RetrieveHandler(BaseHTTPRequestHandler):
             self._reply(404, {"error": f"unknown path {self.path}; use POST /retrieve."})
             return
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-            request = json.loads(self.rfile.read(length) or b"null")
-            queries, topk, with_scores = _parse_request(request, self.server.default_topk)
+            queries, topk, with_scores = _parse_request(json.loads(self._read_body()), self.server)
+        except _RequestError as error:
+            self._reply(error.status, {"error": str(error)})
+            return
         except (ValueError, TypeError) as error:
             self._reply(400, {"error": str(error)})
             return
@@ -169,6 +202,49 @@ class _RetrieveHandler(BaseHTTPRequestHandler):
         else:
             payload = [[p.to_dict() for p in hits] for hits in results]
         self._reply(200, {"result": payload})
+
+    def _read_body(self) -> bytes:
+        """The body, bounded by ``max_body_bytes`` (checked on Content-Length, before reading) and ``client_timeout``."""
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise _RequestError(400, "the Content-Length header is not an integer.") from None
+        if length < 0:
+            raise _RequestError(400, f"the Content-Length header is negative ({length}).")
+        limit = self.server.max_body_bytes
+        if length > limit:
+            self.close_connection = True
+            self._drain(length)
+            raise _RequestError(
+                413,
+                f"request body of {length} bytes exceeds the retriever's limit of {limit}; send fewer queries per "
+                f"request (at most {self.server.max_queries}) or restart the server with a larger --max_body_bytes.",
+            )
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            body = b""
+        if len(body) < length:
+            self.close_connection = True
+            raise _RequestError(
+                408,
+                f"the client sent fewer bytes than its Content-Length ({len(body)} of {length}) within "
+                f"{self.server.client_timeout:g} s; send the whole body, or fix the Content-Length header.",
+            )
+        return body or b"null"
+
+    def _drain(self, length: int) -> None:
+        """Read and drop an oversized body (up to DRAIN_LIMIT, within the client timeout), without parsing it: closing
+        on unread bytes resets the connection, and the client would see a reset instead of the 413."""
+        left = length if length <= DRAIN_LIMIT else 0
+        try:
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except (TimeoutError, OSError):
+            pass
 
     def _reply(self, status: int, body: Any) -> None:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
@@ -182,26 +258,55 @@ class _RetrieveHandler(BaseHTTPRequestHandler):
         logger.debug("retriever %s - " + format, self.address_string(), *args)
 
 
-def _parse_request(request: Any, default_topk: int) -> tuple[list[str], int, bool]:
+def _parse_request(request: Any, server: RetrievalServer) -> tuple[list[str], int, bool]:
     if not isinstance(request, Mapping) or "queries" not in request:
         raise ValueError('the request body must be JSON like {"queries": ["..."], "topk": 3}.')
     queries = request["queries"]
     if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
         raise ValueError('"queries" must be a list of strings.')
-    topk = request.get("topk", default_topk)
+    if len(queries) > server.max_queries:
+        raise _RequestError(
+            413,
+            f"{len(queries)} queries in one request; the retriever takes at most {server.max_queries} queries per "
+            "request: split the batch (RemoteRetriever does) or restart the server with a larger --max_queries.",
+        )
+    topk = request.get("topk", server.default_topk)
     if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= MAX_TOPK:
         raise ValueError(f'"topk" must be an integer in [1, {MAX_TOPK}], got {topk!r}.')
     return queries, topk, bool(request.get("return_scores", False))
 
 
 class RetrievalServer(ThreadingHTTPServer):
-    """A :class:`Retriever` behind ``POST /retrieve``; ``port=0`` picks a free port (read it from ``.url``)."""
+    """A :class:`Retriever` behind ``POST /retrieve``; ``port=0`` picks a free port (read it from ``.url``).
+
+    Each request is bounded (``max_body_bytes``, ``max_queries``, ``topk <= MAX_TOPK``) and each client has
+    ``client_timeout`` seconds to send it; the backlog (``request_queue_size``) holds a multi-GPU run's burst."""
 
     daemon_threads = True
+    request_queue_size = 1024  # socketserver's 5 reset 39 of 200 concurrent connections; Linux caps it at somaxconn
 
-    def __init__(self, retriever: Retriever, host: str = "127.0.0.1", port: int = 8000, default_topk: int = 3):
+    def __init__(
+        self,
+        retriever: Retriever,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        default_topk: int = 3,
+        max_queries: int = MAX_QUERIES,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        client_timeout: float = CLIENT_TIMEOUT,
+    ):
+        if not isinstance(default_topk, int) or not 1 <= default_topk <= MAX_TOPK:
+            raise ValueError(f"default_topk must be in [1, {MAX_TOPK}], got {default_topk!r}.")
+        if max_queries < 1 or max_body_bytes < 1 or client_timeout <= 0:
+            raise ValueError(
+                f"max_queries, max_body_bytes and client_timeout must be positive, got {max_queries}, "
+                f"{max_body_bytes}, {client_timeout}."
+            )
         self.retriever = retriever
         self.default_topk = default_topk
+        self.max_queries = max_queries
+        self.max_body_bytes = max_body_bytes
+        self.client_timeout = client_timeout
         super().__init__((host, port), _RetrieveHandler)
 
     @property
@@ -217,42 +322,80 @@ class RetrievalServer(ThreadingHTTPServer):
 
 
 class RemoteRetriever:
-    """Client of a :class:`RetrievalServer` (or Search-R1's retriever): the same ``search`` as :class:`Retriever`."""
+    """Client of a :class:`RetrievalServer` (or Search-R1's retriever): the same ``search`` as :class:`Retriever`.
 
-    def __init__(self, url: str, timeout: float = 60.0):
+    A reset, refused or timed-out connection and a 5xx are retried ``max_attempts`` times in all, waiting
+    ``backoff * 2**attempt`` seconds (queries are idempotent; one reset must not crash a multi-GPU run); a 4xx is the
+    request's fault and is raised at once. Batches over ``max_queries_per_request`` are split."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 60.0,
+        max_attempts: int = 4,
+        backoff: float = 0.5,
+        max_queries_per_request: int = DEFAULT_CLIENT_BATCH,
+    ):
         self.url = url.rstrip("/")
         if not self.url.endswith("/retrieve"):
             self.url += "/retrieve"
+        if max_attempts < 1 or max_queries_per_request < 1 or backoff < 0:
+            raise ValueError(
+                f"max_attempts and max_queries_per_request must be >= 1 and backoff >= 0, got {max_attempts}, "
+                f"{max_queries_per_request}, {backoff}."
+            )
         self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_queries_per_request = max_queries_per_request
 
     def search(self, queries: Sequence[str], k: int = 3) -> list[list[Passage]]:
         if isinstance(queries, str):
             raise TypeError("search() takes a list of queries; wrap a single query in a list.")
-        if not queries:
-            return []
-        body = json.dumps({"queries": list(queries), "topk": k, "return_scores": True}).encode("utf-8")
-        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode("utf-8", "replace")
+        queries = list(queries)
+        results: list[list[Passage]] = []
+        for start in range(0, len(queries), self.max_queries_per_request):
+            results.extend(self._search_batch(queries[start : start + self.max_queries_per_request], k))
+        return results
+
+    def _search_batch(self, queries: list[str], k: int) -> list[list[Passage]]:
+        body = json.dumps({"queries": queries, "topk": k, "return_scores": True}).encode("utf-8")
+        reason = ""
+        for attempt in range(self.max_attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                detail = json.loads(detail)["error"]
-            except (ValueError, KeyError, TypeError):
-                pass
-            raise RuntimeError(f"the retriever at {self.url} answered {error.code}: {detail}") from error
-        except urllib.error.URLError as error:
+                payload = self._post_once(body)
+                break
+            except urllib.error.HTTPError as error:
+                detail = error.read().decode("utf-8", "replace")
+                try:
+                    detail = json.loads(detail)["error"]
+                except (ValueError, KeyError, TypeError):
+                    pass
+                if error.code < 500:
+                    raise RuntimeError(f"the retriever at {self.url} answered {error.code}: {detail}") from error
+                reason = f"answered {error.code}: {detail}"
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+                reason = str(getattr(error, "reason", None) or error) or type(error).__name__
+            logger.warning("retriever at %s: attempt %d/%d %s", self.url, attempt + 1, self.max_attempts, reason)
+        else:
             raise ConnectionError(
-                f"cannot reach the retriever at {self.url} ({error.reason}); start it with "
-                "`python scripts/serve_retriever.py --corpus <file>`."
-            ) from error
-        results = payload.get("result")
+                f"cannot reach the retriever at {self.url} after {self.max_attempts} attempts ({reason}); start it "
+                "with `python scripts/serve_retriever.py --corpus <file>`, or allow more with "
+                "RemoteRetriever(max_attempts=...)."
+            )
+        results = payload.get("result") if isinstance(payload, dict) else None
         if not isinstance(results, list) or len(results) != len(queries):
             raise RuntimeError(
                 f"the retriever at {self.url} returned {str(payload)[:200]!r} for {len(queries)} queries."
             )
         return [[Passage.from_dict(item) for item in hits] for hits in results]
+
+    def _post_once(self, body: bytes) -> Any:
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            return json.loads(response.read())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -266,10 +409,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--topk", type=int, default=3, help="default top-k when a request gives none")
+    parser.add_argument("--max_queries", type=int, default=MAX_QUERIES, help="queries per request (more: 413)")
+    parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="request body bytes (more: 413)")
+    parser.add_argument(
+        "--client_timeout", type=float, default=CLIENT_TIMEOUT, help="seconds a client may take to send (then 408)"
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.topk <= MAX_TOPK:  # checked before the (slow) index build: it would fail every request
+        parser.error(
+            f"--topk {args.topk} is out of range: a request may ask for 1 to {MAX_TOPK} passages; pass --topk "
+            f"between 1 and {MAX_TOPK}."
+        )
+    for name in ("max_queries", "max_body_bytes", "client_timeout"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     retriever = Retriever.from_corpus(args.corpus, args.format, args.method, args.embedding_model, args.limit)
-    server = RetrievalServer(retriever, args.host, args.port, args.topk)
+    if args.topk > len(retriever):
+        parser.error(
+            f"--topk {args.topk} exceeds the corpus' {len(retriever)} passages; pass --topk <= {len(retriever)} "
+            "(or a larger --limit / corpus)."
+        )
+    server = RetrievalServer(
+        retriever, args.host, args.port, args.topk, args.max_queries, args.max_body_bytes, args.client_timeout
+    )
     logger.info("serving %d passages (%s) at %s/retrieve", len(retriever), args.method, server.url)
     try:
         server.serve_forever()
