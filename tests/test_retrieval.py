@@ -206,9 +206,10 @@ def test_oversized_body_is_refused_quickly_without_touching_the_index(server):
 
 
 def test_too_many_queries_are_refused(server):
-    status, reply = _post(server.url, json.dumps({"queries": ["x"] * (server.max_queries + 1)}).encode())
-    assert status == 413 and f"at most {server.max_queries} queries" in reply["error"]
-    status, _ = _post(server.url, json.dumps({"queries": ["Evan Morris"] * server.max_queries}).encode())
+    limit = 512  # RetrievalServer's default max_queries
+    status, reply = _post(server.url, json.dumps({"queries": ["x"] * (limit + 1)}).encode())
+    assert status == 413 and f"at most {limit} queries" in reply["error"]
+    status, _ = _post(server.url, json.dumps({"queries": ["Evan Morris"] * limit}).encode())
     assert status == 200
 
 
@@ -219,7 +220,8 @@ def test_topk_above_the_limit_is_refused(server):
 
 def test_content_length_larger_than_the_body_times_out(retriever):
     """A client that announces more bytes than it sends used to block a server thread forever."""
-    server = RetrievalServer(retriever, port=0, client_timeout=0.5)
+    server = RetrievalServer(retriever, port=0)
+    server.client_timeout = 0.5  # read per connection
     server.start_background()
     try:
         host, port = server.server_address[:2]
@@ -254,11 +256,16 @@ def test_listen_backlog_holds_200_pending_connections(retriever):
                 sock.close()
         assert failed == 0
         server.start_background()
+        deadline = time.monotonic() + 10
         request = b"POST /retrieve HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(b'{"queries": ["Evan Morris"]}')
+        answered = 0
         for sock in sockets:
-            sock.settimeout(30)
-            sock.sendall(request + b'{"queries": ["Evan Morris"]}')
-        answered = sum(b" 200 " in sock.recv(64).split(b"\r\n")[0] for sock in sockets)
+            try:
+                sock.settimeout(max(0.05, deadline - time.monotonic()))
+                sock.sendall(request + b'{"queries": ["Evan Morris"]}')
+                answered += b" 200 " in sock.recv(64).split(b"\r\n")[0]
+            except OSError:
+                pass
         assert answered == 200
     finally:
         for sock in sockets:
@@ -299,9 +306,24 @@ def test_200_concurrent_clients_all_answered_while_an_oversized_request_is_refus
     assert all(got[i] == expected[i % len(queries)] for i in range(200))
 
 
+def _exits(argv: list[str]) -> bool:
+    """Whether ``main(argv)`` exits (argparse error) within 20 s, rather than serving (the old behaviour)."""
+    exited = []
+
+    def run() -> None:
+        try:
+            main(argv)
+        except SystemExit as error:
+            exited.append(error.code)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    return exited == [2]
+
+
 def test_server_refuses_a_bad_default_topk_at_start():
-    with pytest.raises(SystemExit):
-        main(["--corpus", str(CORPUS), "--topk", "500", "--port", "0"])
+    assert _exits(["--corpus", str(CORPUS), "--topk", "500", "--port", "0"])
     with pytest.raises(ValueError, match=r"default_topk must be in \[1, 100\]"):
         RetrievalServer(Retriever(load_passages(CORPUS, limit=20)), port=0, default_topk=500)
 
@@ -314,23 +336,24 @@ def test_serve_script_refuses_topk_500_with_a_clear_message():
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "--topk 500 is out of range: a request may ask for 1 to 100 passages" in result.stderr
 
 
 def test_topk_larger_than_the_corpus_is_refused_at_start():
-    with pytest.raises(SystemExit):
-        main(["--corpus", str(CORPUS), "--limit", "20", "--topk", "50", "--port", "0"])
+    assert _exits(["--corpus", str(CORPUS), "--limit", "20", "--topk", "50", "--port", "0"])
 
 
 class _ResetFirst(RetrievalServer):
     """A real retrieval server whose first ``resets`` connections are reset (RST), as an overflowing backlog does."""
 
     resets = 2
+    requests = 0
 
     def process_request(self, request, client_address):
+        self.requests += 1
         if self.resets > 0:
             self.resets -= 1
             request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -343,11 +366,14 @@ def test_remote_retriever_retries_a_reset_connection(retriever):
     server = _ResetFirst(retriever, port=0)
     server.start_background()
     try:
-        hits = RemoteRetriever(server.url, backoff=0.01).search(["Evan Morris lobbyist Genentech"], k=1)
+        remote = RemoteRetriever(server.url)
+        remote.backoff = 0.01
+        hits = remote.search(["Evan Morris lobbyist Genentech"], k=1)
         assert hits[0][0].title == "Evan Morris" and server.resets == 0
-        server.resets = 10
+        server.resets, remote.max_attempts = 10, 3
         with pytest.raises(ConnectionError, match=r"after 3 attempts .*max_attempts"):
-            RemoteRetriever(server.url, max_attempts=3, backoff=0.01).search(["x"])
+            remote.search(["x"])
+        assert server.resets == 7
     finally:
         server.shutdown()
         server.server_close()
@@ -355,13 +381,16 @@ def test_remote_retriever_retries_a_reset_connection(retriever):
 
 def test_remote_retriever_does_not_retry_a_refused_request(server):
     """A 4xx is the request's fault: retrying would only repeat it."""
-    calls = []
-    remote = RemoteRetriever(server.url, backoff=0.01)
-    original = remote._post_once
-    remote._post_once = lambda body: calls.append(1) or original(body)
-    with pytest.raises(RuntimeError, match="answered 400"):
-        remote.search(["x"], k=0)
-    assert len(calls) == 1
+    counting = _ResetFirst(server.retriever, port=0)
+    counting.resets = 0
+    counting.start_background()
+    try:
+        with pytest.raises(RuntimeError, match="answered 400"):
+            RemoteRetriever(counting.url, backoff=0.01).search(["x"], k=0)
+        assert counting.requests == 1
+    finally:
+        counting.shutdown()
+        counting.server_close()
 
 
 def test_remote_retriever_splits_large_batches(server, retriever, passages):
