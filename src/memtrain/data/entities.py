@@ -277,6 +277,19 @@ def _normalised_words_cached(text: str) -> tuple[tuple[str, int, int], ...]:
     return _normalise_words(text)
 
 
+@lru_cache(maxsize=4096)
+def _joined_cached(text: str) -> str:
+    return "".join(norm for norm, _, _ in _normalised_words_cached(text))
+
+
+def _may_leak(text: str, shortest: str) -> bool:
+    """Cheap exact pre-check: every leak form starts with ``shortest``, and a leak's words are consecutive, so its
+    normalised form is a substring of the text's normalised words joined (paragraphs: cached)."""
+    if len(text) <= _CACHED_TEXT_CHARS:
+        return shortest in _joined_cached(text)
+    return True
+
+
 def _normalise_words(text: str) -> tuple[tuple[str, int, int], ...]:
     out = []
     for match in _WORD.finditer(text):
@@ -323,8 +336,11 @@ def find_variant_leaks(text: str, answer: str) -> list[tuple[int, int]]:
     targets = _leak_targets(answer.strip())
     if not targets:
         return []
+    shortest = min(targets, key=len)
+    if not _may_leak(text, shortest):
+        return []
     longest = max(map(len, targets))
-    first = next(iter(targets))[0]
+    first = shortest[0]
     words = _normalised_words(text)
     spans: list[tuple[int, int]] = []
     i = 0
