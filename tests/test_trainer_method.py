@@ -133,9 +133,21 @@ def rollout_of(row: TrainingRow, tokenizer) -> int:
 
 
 @pytest.fixture
-def scripted(tiny_model, tokenizer, tmp_path):
+def scripted(tiny_model, tokenizer, tmp_path, monkeypatch):
+    import memtrain.trainer
+
+    probes = []
+
+    def recording_build_recall_probes(*args, **kwargs):
+        made = build(*args, **kwargs)
+        probes.extend(made)
+        return made
+
+    build = memtrain.trainer.build_recall_probes
+    monkeypatch.setattr(memtrain.trainer, "build_recall_probes", recording_build_recall_probes)
     trainer = make_trainer(tiny_model, tokenizer, tmp_path)
     rows, backend = scripted_rows(trainer)
+    backend.probes = probes
     return trainer, rows, backend
 
 
@@ -203,16 +215,22 @@ def test_recall_probe_reads_a_chunk_its_memory_has_already_read(scripted, tokeni
     """The (k, l) choice reaches the probe prompt: memory m_k (written at step k) and a chunk l <= k, masked."""
     trainer, _, backend = scripted
     trajectories = trainer._last_trajectories
-    probes = [text for kind, text in backend.prompts if kind == "recall"]
-    assert len(probes) == len(trajectories) * G2
-    for text in probes:
+    assert len(backend.probes) == len(trajectories)
+    for i, probe in enumerate(backend.probes):
+        trajectory, entity = trajectories[i], ENTITIES[i // 2]
+        assert probe.trajectory_index == i and probe.entity == entity
+        assert 1 <= probe.chunk_index <= probe.memory_step <= trajectory.num_chunks
+        assert probe.memory == trajectory.memories[probe.memory_step]
+        assert probe.masked_chunk == trajectory.chunks[probe.chunk_index - 1].replace(entity, TARGET_TOKEN)
+    # this batch draws some intermediate memory (k < K), so m_k and the final memory are told apart
+    assert any(p.memory_step < trajectories[p.trajectory_index].num_chunks for p in backend.probes)
+    prompts = [text for kind, text in backend.prompts if kind == "recall"]
+    assert len(prompts) == len(trajectories) * G2
+    for text in prompts:
         rollout, k = (int(g) for g in re.search(r"note r(\d+) step(\d+)", text).groups())
-        trajectory = trajectories[rollout]
-        assert 1 <= k <= trajectory.num_chunks
-        entity = ENTITIES[rollout // 2]
-        chunks_read = [c.replace(entity, TARGET_TOKEN) for c in trajectory.chunks[:k]]
-        assert any(chunk in text for chunk in chunks_read), (rollout, k)
-        assert entity not in text
+        probe = backend.probes[rollout]
+        assert k == probe.memory_step and re.findall(r"note r\d+ step\d+", text) == [probe.memory]
+        assert probe.masked_chunk in text and ENTITIES[rollout // 2] not in text
 
 
 def test_memory_is_overwritten_each_step(scripted, tokenizer):
