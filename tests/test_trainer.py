@@ -171,7 +171,7 @@ def test_ddp_processes_with_different_call_counts_stay_in_lockstep(smollm2_token
     for mine, theirs in zip(reports[0]["logged"], reports[1]["logged"], strict=True):
         assert mine.keys() == theirs.keys()
         for key in mine:
-            assert mine[key] == pytest.approx(theirs[key], rel=1e-5, nan_ok=True), key
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-9, nan_ok=True), key  # one gathered value
     assert reports[0]["logged"][0]["chunks/mean"] not in {1.0, None}  # rank 0 alone reads 1-chunk documents
 
 
