@@ -173,9 +173,8 @@ class _RetrieveHandler(BaseHTTPRequestHandler):
     server: RetrievalServer
 
     def setup(self) -> None:
-        self.timeout = (
-            self.server.client_timeout
-        )  # StreamRequestHandler sets it on the socket: no thread waits forever
+        # StreamRequestHandler puts it on the socket: no thread waits forever for a slow or lying client
+        self.timeout = self.server.client_timeout
         super().setup()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
