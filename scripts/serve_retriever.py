@@ -2,7 +2,9 @@
 
     python scripts/serve_retriever.py --corpus wiki-18.jsonl --port 8000 [--method dense --embedding_model minilm]
 
-Training processes then use ``memtrain.retrieval.RemoteRetriever("http://127.0.0.1:8000")``.
+Training processes then use ``memtrain.retrieval.RemoteRetriever("http://127.0.0.1:8000")`` (it retries resets with
+backoff and splits batches). Each request is bounded: ``--max_queries`` (512) queries, ``--max_body_bytes`` (1 MiB),
+``topk`` <= 100, and ``--client_timeout`` (10 s) to send it; over a bound the answer is a 4xx naming the fix.
 """
 
 from memtrain.retrieval import main
