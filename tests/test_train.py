@@ -63,6 +63,7 @@ def test_recipe_trains_a_lora_adapter_and_pushes_it_with_a_card(
         "per_device_train_batch_size": 2,
         "recall_samples": 2,
         "beta": 0.001,
+        "warmup_steps": 0,  # MemTrainConfig warms up for 20 steps (the paper): step 1 would have learning rate 0
         "max_steps": 1,
         "use_cpu": True,
         "bf16": False,
