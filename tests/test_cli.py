@@ -150,5 +150,5 @@ def test_train_whose_push_fails_is_a_one_line_error(tiny_checkpoint, tmp_path, m
     recipe = full_recipe(tiny_checkpoint, documents, tmp_path / "run", push_to_hub=True, hub_model_id="me/t")
     assert cli.main(["train", str(write_recipe(tmp_path, recipe)), "--hub_token", SECRET]) == 2
     err = capsys.readouterr().err
-    assert "memtrain train: error: training finished and" in err and "Traceback" not in err
+    assert "memtrain train: error: the run finished and" in err and "Traceback" not in err
     assert (tmp_path / "run" / "model.safetensors").is_file()
