@@ -265,6 +265,17 @@ def check_rows(rows: Sequence[Mapping[str, Any]], task: str, source: str = "<row
         answers = row["answers"]
         if task != "search" and (isinstance(answers, str) or not answers):
             raise ValueError(f"--dataset {source} row {index}: `answers` must be a non-empty list of strings.")
+        if task == "search":
+            continue
+        if not all(isinstance(a, str) and a.strip() for a in answers):
+            raise ValueError(
+                f"--dataset {source} row {index}: `answers` must be a non-empty list of non-empty strings, got "
+                f"{answers!r:.200}."
+            )
+        if not isinstance(row["context"], str) or not row["context"].strip():
+            raise ValueError(
+                f"--dataset {source} row {index}: `context` is empty; the memory agent has nothing to read."
+            )
 
 
 def row_bucket(row: Mapping[str, Any], column: str) -> str:

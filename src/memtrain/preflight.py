@@ -238,7 +238,7 @@ def check_utf8_file(path: str | Path) -> None:
 
 
 def check_training_rows(rows: Any, source: str, task: str = "memory") -> None:
-    """Rows the trainer can use: the same validator as ``memtrain eval``, plus a non-empty context to read.
+    """Rows the trainer can use: the validator of ``memtrain eval`` (one implementation for both).
 
     A row with an empty ``context`` (0 chunks) or no gold answer (``answers: []`` or a plain string) trained with
     rc 0 before: None rewards, steps skipped silently.
@@ -249,21 +249,6 @@ def check_training_rows(rows: Any, source: str, task: str = "memory") -> None:
         check_rows(rows, task, source=source)
     except ValueError as error:
         raise PreflightError(f"{error} Fix or drop the row.".replace("--dataset ", "Dataset ")) from None
-    if task == "search":
-        return
-    for index, row in enumerate(rows):
-        context = row["context"]
-        if not isinstance(context, str) or not context.strip():
-            raise PreflightError(
-                f"Dataset {source} row {index}: `context` is empty; the memory agent has nothing to read. Fix or drop "
-                "the row."
-            )
-        answers = row["answers"]
-        if not all(isinstance(a, str) and a.strip() for a in answers):
-            raise PreflightError(
-                f"Dataset {source} row {index}: `answers` must be a non-empty list of non-empty strings, got "
-                f"{answers!r:.200}. Fix or drop the row."
-            )
 
 
 def check_dataset_size(num_rows: int, *, generation_batch_size: int, num_generations: int, source: str) -> None:
