@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections import Counter
@@ -14,9 +15,11 @@ from memtrain.agent.recall import (
     choose_probe_positions,
     in_template_text,
     probe_candidates,
+    row_document_template,
     touches_chunk_edge,
 )
 from memtrain.agent.trajectory import Trajectory
+from memtrain.data.documents import DEFAULT_DOCUMENT_TEMPLATE
 
 
 def test_any_policy_picks_the_memory_uniformly_then_a_chunk_it_has_read():
@@ -142,3 +145,26 @@ def test_in_template_text_sees_whole_and_cut_headers():
     assert probe_candidates("Document 7:\nIn 7 days Rome fell", ["7", "Rome"], counts=counts) == ["Rome"]
     assert probe_candidates("Document 7:\nIn 7 days Rome fell", ["7"], template=None) == ["7"]
     assert counts == Counter(candidates=2, template_text=1)
+
+
+def test_each_trajectory_is_guarded_with_the_template_its_row_was_built_with():
+    custom = "Chapter {index}.\n{text}"
+    rows = [{"builder_config": json.dumps({"document_template": custom})}, {"builder_config": "not json"}, {}]
+    assert [row_document_template(row) for row in rows] == [
+        custom,
+        DEFAULT_DOCUMENT_TEMPLATE,
+        DEFAULT_DOCUMENT_TEMPLATE,
+    ]
+
+    def finder(texts: list[str]) -> list[list[str]]:
+        return [["7", "Rome"] for _ in texts]
+
+    chunks = ["Chapter 7.\nIn 7 days Rome fell to the Goths."]
+    counts: Counter[str] = Counter()
+    probes = build_recall_probes(
+        [_trajectory(chunks)] * 2, finder, _masker, seed=0, template=[custom, None], counts=counts
+    )
+    assert probes[0].entity == "Rome"  # "7" is the chapter header's number under the row's own template
+    assert counts["template_text"] == 1
+    with pytest.raises(ValueError, match="templates"):
+        build_recall_probes([_trajectory(chunks)], finder, _masker, template=[custom, custom])

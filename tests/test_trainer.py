@@ -117,7 +117,7 @@ def test_two_steps_train_checkpoint_and_resume(tiny_model, tokenizer, documents,
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
     assert len(logs) == 2
     for key in ("rewards/answer_length_reward/mean", "recall_accuracy", "memory_tokens/mean",
-                "rows_trained", "tokens_trained", "groups_filtered"):  # fmt: skip
+                "rows_trained", "tokens_trained", "groups_filtered", "recall_candidates/template_text_ratio"):  # fmt: skip
         assert key in logs[0], key
     # 2 rollouts x (2 chunks + final) + recall answers: at least the 6 memory/final rows per document.
     assert logs[0]["rows_trained"] >= 6

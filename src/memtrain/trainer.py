@@ -17,6 +17,7 @@ import contextlib
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,13 @@ from trl import GRPOTrainer
 from memtrain.agent.generation import GenerationOutput, SamplingConfig
 from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
 from memtrain.agent.prompts import TARGET_TOKEN
-from memtrain.agent.recall import EntityFinder, EntityMasker, RecallProbe, build_recall_probes
+from memtrain.agent.recall import (
+    EntityFinder,
+    EntityMasker,
+    RecallProbe,
+    build_recall_probes,
+    row_document_template,
+)
 from memtrain.agent.trajectory import Trajectory
 from memtrain.configs import MemTrainConfig
 from memtrain.grpo import (
@@ -312,12 +319,14 @@ class MemTrainer(GRPOTrainer):
 
         recall_wanted = "memory_recall" in self.args.reward_funcs or self.args.train_recall_answers
         probes: list[RecallProbe | None] = [None] * n_local
+        candidate_counts: Counter[str] = Counter()
         if recall_wanted and self.args.recall_samples > 0 and self.search_agent is None:
             find_entities, mask_entity = self.entity_tools
             seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.accelerator.process_index
             probes = build_recall_probes(
-                trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed
-            )
+                trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed,
+                template=[row_document_template(row) for row in batch], counts=candidate_counts,
+            )  # fmt: skip
         recall_scores, recall_output, recall_prompts = self._answer_probes(probes)
         self.generator.synchronize()
         recall_rewards = [sum(s) / len(s) if s else None for s in recall_scores]
@@ -376,7 +385,7 @@ class MemTrainer(GRPOTrainer):
 
         self._log_rollout_metrics(
             metrics, trajectories, rewards_per_func, total_rewards, rollout_adv, probe_rewards, probes, rows,
-            recall_filtered,
+            recall_filtered, candidate_counts,
         )  # fmt: skip
         self._last_trajectories = trajectories
         self._maybe_save_trajectories(trajectories, total_rewards[local].tolist(), recall_rewards)
@@ -384,7 +393,7 @@ class MemTrainer(GRPOTrainer):
 
     def _log_rollout_metrics(
         self, metrics, trajectories, rewards_per_func, total_rewards, rollout_adv, probe_rewards, probes, rows,
-        recall_filtered,
+        recall_filtered, candidate_counts,
     ) -> None:  # fmt: skip
         for j, func in enumerate(self.reward_funcs):
             column = rewards_per_func[:, j]
@@ -399,14 +408,20 @@ class MemTrainer(GRPOTrainer):
             float(sum(t.metadata.get("num_searches", 0) for t in trajectories)), float(len(trajectories)),
             float(len(updates)), float(sum(lengths)), float(sum(not c.finished for c in updates)),
             float(sum(len(t.chunks) for t in trajectories)), float(len(rows)),
-            float(sum(len(r.completion_ids) for r in rows)), float(recall_filtered), float(max(lengths, default=0)),
+            float(sum(len(r.completion_ids) for r in rows)), float(recall_filtered),
+            float(candidate_counts["candidates"]), float(candidate_counts["template_text"]),
+            float(candidate_counts["chunk_edge"]), float(max(lengths, default=0)),
         ]  # fmt: skip
         gathered = self._gather_floats(torch.tensor([local], dtype=torch.float64)).view(-1, len(local))
         (recall_sum, recall_n, no_entity, searches, n_traj, n_updates, update_tokens, truncated, chunks, n_rows,
-         n_tokens, recall_groups_filtered) = gathered[:, :-1].sum(0).tolist()  # fmt: skip
+         n_tokens, recall_groups_filtered, candidates, template_text, chunk_edge) = gathered[:, :-1].sum(0).tolist()  # fmt: skip
         if self.search_agent is None:
             metrics["recall_accuracy"].append(recall_sum / recall_n if recall_n else math.nan)
             metrics["recall_probes_without_entity"].append(no_entity)
+            # Entities refused as probe answers: read in "Document N:" header text, or cut by a chunk edge.
+            if candidates:
+                metrics["recall_candidates/template_text_ratio"].append(template_text / candidates)
+                metrics["recall_candidates/chunk_edge_ratio"].append(chunk_edge / candidates)
         else:
             metrics["searches/mean"].append(searches / max(n_traj, 1.0))
         if n_updates:

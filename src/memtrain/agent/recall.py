@@ -16,10 +16,12 @@ turn a header into "Document [TARGET]:", answerable from the neighbouring header
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from memtrain.agent.prompts import TARGET_TOKEN
 from memtrain.agent.trajectory import Trajectory
@@ -126,14 +128,18 @@ def build_recall_probes(
     policy: str = "any",
     seed: int = 0,
     *,
-    template: str | None = DEFAULT_DOCUMENT_TEMPLATE,
+    template: str | None | Sequence[str | None] = DEFAULT_DOCUMENT_TEMPLATE,
     counts: Counter[str] | None = None,
 ) -> list[RecallProbe | None]:
     """One probe per trajectory (None when none of its read chunks holds a usable entity).
 
-    ``template`` is the document template of the contexts (the builder's default; None: no template guard);
-    ``counts`` collects :func:`probe_candidates`' counts over the chunks tried.
+    ``template`` is the document template of the contexts (the builder's default; None: no template guard), or one
+    per trajectory (see :func:`row_document_template`); ``counts`` collects :func:`probe_candidates`' counts over
+    the chunks tried.
     """
+    templates = [template] * len(trajectories) if template is None or isinstance(template, str) else list(template)
+    if len(templates) != len(trajectories):
+        raise ValueError(f"{len(templates)} document templates for {len(trajectories)} trajectories.")
     rng = random.Random(seed)
     plans = [choose_probe_positions(len(t.memories) - 1, policy, rng) for t in trajectories]
     # Rollouts of one document share their chunks: run NER once per distinct chunk text.
@@ -145,7 +151,7 @@ def build_recall_probes(
         probe = None
         for k, chunk in plan:
             text = trajectory.chunks[chunk - 1]
-            candidates = probe_candidates(text, entities.get(text) or [], template, counts)
+            candidates = probe_candidates(text, entities.get(text) or [], templates[i], counts)
             if candidates:
                 entity = rng.choice(sorted(candidates))
                 masked = mask_entity(text, entity)
@@ -154,3 +160,20 @@ def build_recall_probes(
                     break
         probes.append(probe)
     return probes
+
+
+def row_document_template(row: Mapping[str, Any]) -> str:
+    """The document template a dataset row was built with (its ``builder_config``), else the builder's default.
+
+    Datasets built with a custom ``document_template`` carry it in every row, so the probes' template guard reads
+    the headers those documents really have.
+    """
+    config = row.get("builder_config")
+    if isinstance(config, str) and config:
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError:
+            return DEFAULT_DOCUMENT_TEMPLATE
+    if isinstance(config, Mapping) and isinstance(config.get("document_template"), str):
+        return config["document_template"]
+    return DEFAULT_DOCUMENT_TEMPLATE
