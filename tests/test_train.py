@@ -247,6 +247,21 @@ def test_an_output_dir_of_another_run_is_refused_unless_resuming(built_documents
     assert code != 0 and "another run" not in err
 
 
+def test_overwrite_output_dir_clears_the_previous_run_once_the_checks_pass(built_documents, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    _checkpoint(output_dir, 4, complete=True)
+    (output_dir / "model.safetensors").write_bytes(b"old final model")
+    (output_dir / ".keep").write_text("hidden")
+    path = write_recipe(tmp_path, full_recipe(tmp_path / "no-model", built_documents, output_dir))
+    # A refused run deletes nothing.
+    code, err = run_cli([str(path), "--overwrite_output_dir", "true", "--max_steps", "0"], capsys)
+    assert code == 2 and (output_dir / "checkpoint-4").is_dir()
+    # Checks pass: the old run is gone before the model load (which then fails here), hidden files stay.
+    code, err = run_cli([str(path), "--overwrite_output_dir", "true"], capsys)
+    assert code != 0 and "another run" not in err
+    assert sorted(p.name for p in output_dir.iterdir()) == [".keep"]
+
+
 def test_an_unwritable_output_dir_is_refused_before_the_model_loads(built_documents, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     path = write_recipe(tmp_path, full_recipe(tmp_path / "no-model", built_documents, tmp_path / "a-file" / "run"))

@@ -153,6 +153,13 @@ class MemTrainConfig(GRPOConfig):
         default=50, metadata={"help": "Write a trajectory HTML page every N optimizer steps (0: never)."}
     )
     trajectory_html_max: int = field(default=4, metadata={"help": "Rollouts shown on each trajectory page."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an output_dir that holds another run: its files are deleted first (transformers 5 "
+            "dropped this flag; without it such a folder is refused)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -160,9 +161,26 @@ def check_output_dir(output_dir: str | Path, *, resuming: bool, overwrite: bool 
             shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
             raise PreflightError(
                 f"output_dir {output_dir} already holds files of another run ({shown}); resume it with "
-                "--resume_from_checkpoint last, choose a new output_dir, or delete the folder."
+                "--resume_from_checkpoint last, start over with --overwrite_output_dir true (deletes it), or choose a new "
+                "output_dir."
             )
     check_writable(output_dir)
+
+
+def clear_previous_run(output_dir: str | Path) -> list[str]:
+    """Delete another run's files from ``output_dir`` (asked for with ``overwrite_output_dir``); returns their names.
+
+    Only after every check has passed, so a refused run deletes nothing; hidden files (staging folders) stay.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(output_dir.iterdir()):
+        if _is_run_file(path.name):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def check_writable(output_dir: str | Path) -> None:

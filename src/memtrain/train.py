@@ -28,6 +28,7 @@ from memtrain.preflight import (
     check_training_rows,
     check_training_values,
     check_utf8_file,
+    clear_previous_run,
     complete_checkpoints,
     is_complete_checkpoint,
     last_complete_checkpoint,
@@ -148,11 +149,8 @@ def train(
     if script_args.dataset_name is None:
         raise ValueError("Set `dataset_name:` in the recipe (a built dataset folder, a file, or a Hub dataset id).")
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(
-        training_args.output_dir,
-        resuming=checkpoint is not None,
-        overwrite=bool(getattr(training_args, "overwrite_output_dir", False)),  # no such field in transformers 5
-    )
+    overwrite = checkpoint is None and training_args.overwrite_output_dir
+    check_output_dir(training_args.output_dir, resuming=checkpoint is not None, overwrite=overwrite)
     # memtrain pushes once, at the end, with its own card (adapter or full weights); Trainer's own pushes (a repo at
     # start, every checkpoint, its generic card) are switched off so the Hub never holds a card-less checkpoint.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
@@ -171,6 +169,11 @@ def train(
         num_generations=training_args.num_generations,
         source=script_args.dataset_name,
     )
+    if overwrite:  # only once every check has passed; the other processes wait until the folder is clear
+        with training_args.main_process_first(local=False, desc="clearing output_dir"):
+            if training_args.process_index == 0:
+                removed = clear_previous_run(training_args.output_dir)
+                logger.info("overwrite_output_dir: deleted the previous run's %s", ", ".join(removed) or "nothing")
 
     # A published memtrain adapter named as the model keeps training (its LoRA weights stay trainable).
     model, tokenizer = load_from_model_config(
