@@ -80,26 +80,34 @@ def test_unknown_keys_and_missing_hub_id_are_refused(tmp_path, smollm2_tokenizer
 
 
 def test_push_to_hub_uploads_parquet_and_card_in_one_commit(tmp_path, smollm2_tokenizer_dir, monkeypatch):
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import CommitInfo, RepoUrl
+    from test_hub import FakeHubServer
 
-    calls = {}
-
-    def create_repo(self, repo_id, **kwargs):  # the Hub's servers are the only thing replaced
-        calls["create_repo"] = (repo_id, kwargs)
-        return RepoUrl(f"https://huggingface.co/datasets/{repo_id}")
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        calls["create_commit"] = (repo_id, [op.path_in_repo for op in operations], kwargs)
-        url = f"https://huggingface.co/datasets/{repo_id}"
-        return CommitInfo(commit_url=f"{url}/commit/1", commit_message="m", commit_description="", oid="1" * 40)
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    hub = FakeHubServer(monkeypatch)  # the Hub's servers are the only thing replaced
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_the_fake_hub")
     extra = ("--push_to_hub", "true", "--hub_dataset_id", "someone/memtrain-wiki", "--hub_private", "true")
     _script_main()(_argv(tmp_path / "out", smollm2_tokenizer_dir, *extra))
-    repo_id, kwargs = calls["create_repo"]
-    assert repo_id == "someone/memtrain-wiki" and kwargs["repo_type"] == "dataset" and kwargs["private"] is True
-    _, paths, commit_kwargs = calls["create_commit"]
-    assert sorted(paths) == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
-    assert commit_kwargs["repo_type"] == "dataset"
+    [repo] = hub.repos
+    assert repo["repo_id"] == "someone/memtrain-wiki" and repo["repo_type"] == "dataset" and repo["private"] is True
+    [commit] = hub.commits
+    assert sorted(commit["files"]) == ["README.md", "build_stats.json", "data/train-00000-of-00001.parquet"]
+    assert commit["repo_type"] == "dataset"
+
+
+def test_a_doomed_push_is_found_before_the_build_and_a_failed_one_keeps_the_output(
+    tmp_path, smollm2_tokenizer_dir, monkeypatch
+):
+    from huggingface_hub import constants
+    from test_hub import FakeHubServer
+
+    from memtrain.preflight import PreflightError, PushError
+
+    push = ("--push_to_hub", "true", "--hub_dataset_id", "someone/memtrain-wiki")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PreflightError, match="the Hub is offline"):
+        _script_main()(_argv(tmp_path / "offline", smollm2_tokenizer_dir, *push))
+    assert not (tmp_path / "offline").exists() and not list(tmp_path.glob(".offline*"))  # nothing was built
+    FakeHubServer(monkeypatch, fail_commits=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_the_fake_hub")
+    with pytest.raises(PushError, match="holds the complete local output, but the push to someone/memtrain-wiki"):
+        _script_main()(_argv(tmp_path / "out", smollm2_tokenizer_dir, *push))
+    assert (tmp_path / "out" / "data" / "train-00000-of-00001.parquet").is_file()

@@ -120,8 +120,14 @@ def write_dataset(
 
 def run_build(args: BuildDatasetArguments, config: DocumentBuilderConfig, recipe: str | None = None) -> Path:
     """Load the corpus, build the documents, write them (and push them); returns the output folder."""
+    from memtrain.preflight import check_push, check_writable, push_failed
+
     output_dir = Path(args.output_dir)
-    _check_output_dir(output_dir, args.overwrite_output_dir)  # fail before the expensive part
+    # Fail before the expensive part (hours at paper scale), not after it.
+    _check_output_dir(output_dir, args.overwrite_output_dir)
+    check_writable(output_dir)
+    if args.push_to_hub:
+        check_push(args.hub_dataset_id, None)
     corpus = load_corpus(
         args.corpus,
         format=args.corpus_format,
@@ -164,15 +170,18 @@ def run_build(args: BuildDatasetArguments, config: DocumentBuilderConfig, recipe
     if args.push_to_hub:
         from memtrain.hub import push_folder_to_hub
 
-        url = push_folder_to_hub(
-            output_dir,
-            args.hub_dataset_id,
-            card=card,
-            private=args.hub_private,
-            repo_type="dataset",
-            ignore_patterns=("dataset/*",),
-            commit_message=f"MemTrain documents: {result.stats.built} rows",
-        )
+        try:
+            url = push_folder_to_hub(
+                output_dir,
+                args.hub_dataset_id,
+                card=card,
+                private=args.hub_private,
+                repo_type="dataset",
+                ignore_patterns=("dataset/*",),
+                commit_message=f"MemTrain documents: {result.stats.built} rows",
+            )
+        except Exception as error:
+            raise push_failed(error, output_dir, args.hub_dataset_id, repo_type="dataset") from error
         logger.info("pushed to %s", url)
     return output_dir
 
