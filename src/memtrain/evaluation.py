@@ -354,7 +354,10 @@ class Evaluator:
                 doc_ids=[str(row.get("id", offset + i)) for i, row in enumerate(batch)],
                 sampling=self._batch_sampling(index, cfg.max_answer_tokens),
             )
-            recall = self._recall_scores(agent, trajectories, index) if cfg.task == "memtrain" else None
+            from memtrain.agent.recall import row_document_template
+
+            templates = [row_document_template(row) for row in batch for _ in range(cfg.num_samples)]
+            recall = self._recall_scores(agent, trajectories, index, templates) if cfg.task == "memtrain" else None
             for i in range(len(batch)):
                 group = trajectories[i * cfg.num_samples : (i + 1) * cfg.num_samples]
                 replies.append([t.answer for t in group])
@@ -362,7 +365,9 @@ class Evaluator:
                 extra.append(None if recall is None else recall[i * cfg.num_samples : (i + 1) * cfg.num_samples])
         return RunOutput(replies, pages, extra, time.perf_counter() - start)
 
-    def _recall_scores(self, agent: Any, trajectories: list[Any], batch_index: int) -> list[dict[str, float]]:
+    def _recall_scores(
+        self, agent: Any, trajectories: list[Any], batch_index: int, templates: list[str]
+    ) -> list[dict[str, float]]:
         """Recall accuracy per rollout: one probe on an intermediate memory, ``recall_samples`` answers, mean EM."""
         from memtrain.agent.recall import build_recall_probes
         from memtrain.trainer import default_entity_tools
@@ -370,7 +375,9 @@ class Evaluator:
         if not hasattr(self, "_entity_tools"):
             self._entity_tools = default_entity_tools()
         cfg = self.config
-        probes = build_recall_probes(trajectories, *self._entity_tools, cfg.recall_chunk_policy, seed=cfg.seed)
+        probes = build_recall_probes(
+            trajectories, *self._entity_tools, cfg.recall_chunk_policy, seed=cfg.seed, template=templates
+        )
         live = [p for p in probes if p is not None]
         scores: list[dict[str, float]] = [{} for _ in trajectories]
         if not live:
