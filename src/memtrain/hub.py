@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_IGNORE_PATTERNS",
     "hub_card_template",
     "render_model_card",
+    "push_built_dataset",
     "push_folder_to_hub",
 ]
 
@@ -240,3 +241,22 @@ def push_folder_to_hub(
         revision=revision,
     )
     return commit.commit_url
+
+
+def push_built_dataset(
+    output_dir: str | Path, repo_id: str, *, commit_message: str, private: bool = False, card: RepoCard | None = None
+) -> str:
+    """Push a builder's finished output folder (parquet + card; the ``save_to_disk`` copy stays local).
+
+    The build is complete on disk by now, so a failed upload is a :class:`memtrain.preflight.PushError` that says so
+    and how to push later, not the loss of hours of building.
+    """
+    from memtrain.preflight import push_failed
+
+    try:
+        return push_folder_to_hub(
+            output_dir, repo_id, card=card, private=private, repo_type="dataset",
+            ignore_patterns=("dataset/*",), commit_message=commit_message,
+        )  # fmt: skip
+    except Exception as error:
+        raise push_failed(error, output_dir, repo_id, repo_type="dataset") from error

@@ -120,7 +120,7 @@ def write_dataset(
 
 def run_build(args: BuildDatasetArguments, config: DocumentBuilderConfig, recipe: str | None = None) -> Path:
     """Load the corpus, build the documents, write them (and push them); returns the output folder."""
-    from memtrain.preflight import check_push, check_writable, push_failed
+    from memtrain.preflight import check_push, check_writable
 
     output_dir = Path(args.output_dir)
     # Fail before the expensive part (hours at paper scale), not after it.
@@ -168,20 +168,12 @@ def run_build(args: BuildDatasetArguments, config: DocumentBuilderConfig, recipe
     write_dataset(result, output_dir, card=card, extra_stats=extra, overwrite=args.overwrite_output_dir)
     logger.info("wrote %s", output_dir)
     if args.push_to_hub:
-        from memtrain.hub import push_folder_to_hub
+        from memtrain.hub import push_built_dataset
 
-        try:
-            url = push_folder_to_hub(
-                output_dir,
-                args.hub_dataset_id,
-                card=card,
-                private=args.hub_private,
-                repo_type="dataset",
-                ignore_patterns=("dataset/*",),
-                commit_message=f"MemTrain documents: {result.stats.built} rows",
-            )
-        except Exception as error:
-            raise push_failed(error, output_dir, args.hub_dataset_id, repo_type="dataset") from error
+        url = push_built_dataset(
+            output_dir, args.hub_dataset_id, card=card, private=args.hub_private,
+            commit_message=f"MemTrain documents: {result.stats.built} rows",
+        )  # fmt: skip
         logger.info("pushed to %s", url)
     return output_dir
 

@@ -431,7 +431,7 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
     from datasets import Dataset, DatasetDict
 
     from memtrain.data.output import atomic_output_dir
-    from memtrain.preflight import check_push, check_writable, push_failed
+    from memtrain.preflight import check_push, check_writable
 
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
@@ -495,19 +495,11 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
         (staging / "build_stats.json").write_text(json.dumps(stats, indent=2, default=str), encoding="utf-8")
     logger.info("wrote %s: %s", output_dir, stats["rows"])
     if args.push_to_hub:
-        from memtrain.hub import push_folder_to_hub
+        from memtrain.hub import push_built_dataset
 
-        try:
-            url = push_folder_to_hub(
-                output_dir,
-                args.hub_dataset_id,
-                private=args.hub_private,
-                repo_type="dataset",
-                ignore_patterns=("dataset/*",),
-                commit_message=f"Long-text QA: {stats['rows']}",
-            )
-        except Exception as error:
-            raise push_failed(error, output_dir, args.hub_dataset_id, repo_type="dataset") from error
+        url = push_built_dataset(
+            output_dir, args.hub_dataset_id, private=args.hub_private, commit_message=f"Long-text QA: {stats['rows']}"
+        )
         logger.info("pushed to %s", url)
     return output_dir
 
