@@ -91,3 +91,25 @@ def test_small_model_settings_are_checked(recipe_path):
         parse_recipe_args([str(recipe_path), "--warm_start_examples", "8", "--warm_start_epochs", "0"])
     *_, training_args, _ = parse_recipe_args([str(recipe_path), "--warm_start_examples", "8", "--recall_metric", "f1"])
     assert training_args.warm_start_examples == 8 and training_args.recall_metric == "f1"
+
+
+@pytest.mark.parametrize(
+    ("entry_point", "keys"),
+    [
+        ("memtrain.train:main", ["--recall_samples", "--reward_funcs", "--max_memory_tokens", "--load_in_4bit"]),
+        ("memtrain.data.build:main", ["--corpus", "--document_template", "--hub_dataset_id"]),
+        ("memtrain.data.longqa:main", ["--train_source", "--test_buckets", "--overwrite_output_dir"]),
+    ],
+)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_key_with_its_default_and_exits_0(entry_point, keys, flag, capsys):
+    import importlib
+
+    module, name = entry_point.split(":")
+    with pytest.raises(SystemExit) as exit_info:
+        getattr(importlib.import_module(module), name)([flag])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in keys:
+        assert f"  {key} " in out or f"  {key}," in out, key
+    assert "(default:" in out

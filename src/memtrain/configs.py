@@ -259,6 +259,9 @@ def parse_recipe_args(
     :class:`RecipeError` naming the key before any model is loaded.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        # Every key of every dataclass with its help and default (argparse prints them and exits 0).
+        TrlParser(tuple(dataclass_types)).parse_args(["--help"])
     if argv and not argv[0].startswith("-"):
         argv = ["--config", argv[0], *argv[1:]]
     if "--config" in argv:
