@@ -19,6 +19,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, RepoCard
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
+from memtrain.preflight import HF_TOKEN_VALUE, is_secret_key
+
 
 __all__ = [
     "MEMTRAIN_TAGS",
@@ -44,8 +46,6 @@ _SECRET_KEY = re.compile(
     r"(?P<sep>\s*:\s*)(?P<value>\S.*)$",
     re.IGNORECASE | re.MULTILINE,
 )
-_HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
-_NOT_SECRET_KEYS = re.compile(r"(?:^|_)(?:pad|eos|bos|unk|sep|cls|mask|special)_token$|^max_\w*token$", re.IGNORECASE)
 
 
 def hub_card_template(name: str) -> Path:
@@ -112,12 +112,12 @@ def _redact_secrets(recipe_yaml: str) -> str:
     """Blank the values of token/key/secret/password entries so a card never publishes credentials."""
 
     def redact(match: re.Match[str]) -> str:
-        if _NOT_SECRET_KEYS.search(match["key"]):
+        if not is_secret_key(match["key"]):  # pad_token, max_memory_tokens ...: tokenizer fields and counts
             return match[0]
         return f"{match['indent']}{match['key']}{match['sep']}<redacted>"
 
     # A token given on a command line travels as a bare value (``--hub_token hf_...``), not as a ``key: value``.
-    return _HF_TOKEN_VALUE.sub("<redacted>", _SECRET_KEY.sub(redact, recipe_yaml))
+    return HF_TOKEN_VALUE.sub("<redacted>", _SECRET_KEY.sub(redact, recipe_yaml))
 
 
 def _code_fence(text: str) -> str:

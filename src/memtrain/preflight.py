@@ -23,7 +23,9 @@ __all__ = [
     "push_failed",
     "check_writable",
     "SECRET_KEY",
+    "HF_TOKEN_VALUE",
     "is_secret_key",
+    "error_summary",
     "scrub_secrets",
     "check_training_values",
     "check_reward_names",
@@ -33,7 +35,8 @@ __all__ = [
     "check_dataset_size",
     "check_utf8_file",
     "complete_checkpoints",
-    "last_complete_checkpoint",
+    "is_complete_checkpoint",
+    "clear_previous_run",
 ]
 
 
@@ -45,9 +48,14 @@ class PushError(RuntimeError):
     """The run finished and its output is complete on disk; only the upload to the Hub failed."""
 
 
+def error_summary(error: BaseException) -> str:
+    """The first line of an error's message (its type name when empty), to quote inside a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def push_failed(error: BaseException, output_dir: str | Path, repo_id: str, repo_type: str = "model") -> PushError:
     """The one line for a push that failed after the expensive part: what is safe on disk and how to push later."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    first = error_summary(error)
     flag = " --repo-type dataset" if repo_type == "dataset" else ""
     return PushError(
         f"the run finished and {output_dir} holds the complete local output, but the push to {repo_id} failed "
@@ -59,7 +67,7 @@ def push_failed(error: BaseException, output_dir: str | Path, repo_id: str, repo
 # Keys whose values are credentials. Tokenizer fields (pad_token, eos_token ...) and token counts are not.
 SECRET_KEY = re.compile(r"(?:token|api_key|apikey|secret|password)$", re.IGNORECASE)
 _NOT_SECRET_KEY = re.compile(r"(?:^|_)(?:pad|eos|bos|unk|sep|cls|mask|special)_token$|^max_\w*token$", re.IGNORECASE)
-_HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
+HF_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
 
 
 def is_secret_key(key: str) -> bool:
@@ -80,7 +88,7 @@ def scrub_secrets(value: Any, secrets: Sequence[str] = ()) -> Any:
         for secret in secrets:
             if secret:
                 value = value.replace(secret, "<redacted>")
-        return _HF_TOKEN_VALUE.sub("<redacted>", value)
+        return HF_TOKEN_VALUE.sub("<redacted>", value)
     return value
 
 
@@ -233,9 +241,8 @@ def check_push(repo_id: str | None, token: str | None) -> str:
     try:
         account = HfApi(token=token).whoami()
     except Exception as error:  # an HTTP 401, a connection error ...: the push would fail the same way
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise PreflightError(
-            f"push_to_hub is on but the Hub refused the login check ({first}); fix the token / network, or set "
+            f"push_to_hub is on but the Hub refused the login check ({error_summary(error)}); fix the token / network, or set "
             "push_to_hub: false."
         ) from None
     return str(account.get("name", "")) if isinstance(account, Mapping) else ""
@@ -302,12 +309,6 @@ def complete_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[Path]
     )
     complete = [p for _, p in found if _is_complete(p)]
     return complete, [p for _, p in found if p not in complete]
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose save finished; a save killed half-way (0-byte optimizer.pt ...) is skipped."""
-    complete, _ = complete_checkpoints(output_dir)
-    return complete[-1] if complete else None
 
 
 def is_complete_checkpoint(checkpoint: str | Path) -> bool:

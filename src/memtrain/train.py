@@ -30,8 +30,8 @@ from memtrain.preflight import (
     check_utf8_file,
     clear_previous_run,
     complete_checkpoints,
+    error_summary,
     is_complete_checkpoint,
-    last_complete_checkpoint,
     push_failed,
     scrub_secrets,
 )
@@ -80,9 +80,9 @@ def load_training_dataset(name: str, config: str | None = None, split: str = "tr
         try:
             loaded = load_dataset(name, config, split=split)
         except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise FileNotFoundError(
-                f"Dataset {name}: no such local file or folder, and the Hub gave no dataset of that id ({first})."
+                f"Dataset {name}: no such local file or folder, and the Hub gave no dataset of that id "
+                f"({error_summary(error)})."
             ) from None
     missing = [column for column in REQUIRED_COLUMNS if column not in loaded.column_names]
     if missing:
@@ -103,17 +103,16 @@ def resolve_checkpoint(checkpoint: str | None, output_dir: str) -> str | None:
     if checkpoint is None:
         return None
     if checkpoint in {"last", "latest"} or checkpoint.lower() == "true":
-        found = last_complete_checkpoint(output_dir)
-        _, incomplete = complete_checkpoints(output_dir)
+        complete, incomplete = complete_checkpoints(output_dir)
         for skipped in incomplete:
             logger.warning("Skipping %s: its save did not finish (no trainer_state.json or an empty file).", skipped)
-        if found is None:
+        if not complete:
             raise PreflightError(
                 f"resume_from_checkpoint asks for the last checkpoint, but {output_dir} has no complete one"
                 + (f" ({len(incomplete)} half-written)" if incomplete else "")
                 + "; drop resume_from_checkpoint to start afresh in a new output_dir."
             )
-        return str(found)
+        return str(complete[-1])
     if not Path(checkpoint).is_dir():
         raise PreflightError(f"resume_from_checkpoint {checkpoint} is not a checkpoint folder.")
     if not is_complete_checkpoint(checkpoint):
@@ -301,7 +300,7 @@ def _typed(value: Any) -> Any:
         loaded = yaml.safe_load(value)
     except yaml.YAMLError:
         return value
-    if isinstance(loaded, (bool, int, float)) and not isinstance(loaded, str):
+    if isinstance(loaded, (bool, int, float)):
         return loaded
     try:
         return float(value) if value.strip().lower() not in {"nan", "inf", "-inf"} else value
