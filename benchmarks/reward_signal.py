@@ -20,11 +20,10 @@ from datasets import load_from_disk
 
 from memtrain.agent.generation import SamplingConfig, TransformersGenerator
 from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
-from memtrain.agent.recall import build_recall_probes
+from memtrain.agent.recall import build_recall_probes, default_entity_tools
 from memtrain.metrics import masked_entity_match
 from memtrain.models import load_model_and_tokenizer
 from memtrain.rewards import recall_em
-from memtrain.trainer import default_entity_tools
 
 
 def rates(texts: list[str], golds: list[str], group: int) -> tuple[float, float, int, int]:

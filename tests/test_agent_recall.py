@@ -108,7 +108,7 @@ def test_an_entity_cut_by_the_chunk_edge_is_never_the_answer():
 
 @pytest.fixture(scope="module")
 def spacy_tools():
-    from memtrain.trainer import default_entity_tools
+    from memtrain.agent.recall import default_entity_tools
 
     return default_entity_tools()  # real spaCy NER and the real leak-free [TARGET] masker
 

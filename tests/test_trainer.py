@@ -38,7 +38,7 @@ def answer_length_reward(completions, **kwargs) -> list[float]:
 
 
 def entity_tools():
-    from memtrain.trainer import default_entity_tools
+    from memtrain.agent.recall import default_entity_tools
 
     return default_entity_tools()
 

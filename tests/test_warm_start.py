@@ -8,8 +8,8 @@ import torch
 from memtrain.agent.generation import SamplingConfig, TransformersGenerator
 from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
 from memtrain.agent.prompts import TARGET_TOKEN
+from memtrain.agent.recall import default_entity_tools
 from memtrain.data.corpus import builtin_corpus_path, load_corpus
-from memtrain.trainer import default_entity_tools
 from memtrain.warm_start import build_warm_start_examples, warm_start
 
 

@@ -369,8 +369,7 @@ class Evaluator:
         self, agent: Any, trajectories: list[Any], batch_index: int, templates: list[str]
     ) -> list[dict[str, float]]:
         """Recall accuracy per rollout: one probe on an intermediate memory, ``recall_samples`` answers, mean EM."""
-        from memtrain.agent.recall import build_recall_probes
-        from memtrain.trainer import default_entity_tools
+        from memtrain.agent.recall import build_recall_probes, default_entity_tools
 
         if not hasattr(self, "_entity_tools"):
             self._entity_tools = default_entity_tools()

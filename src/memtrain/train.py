@@ -228,7 +228,7 @@ def run_warm_start(model, tokenizer, train_dataset: Dataset, agent_config: Agent
     """The small-model supervised warm start (memtrain.warm_start) on the training documents, before GRPO."""
     from memtrain.agent.generation import SamplingConfig, TransformersGenerator
     from memtrain.agent.memory_agent import MemoryAgent
-    from memtrain.trainer import default_entity_tools
+    from memtrain.agent.recall import default_entity_tools
     from memtrain.warm_start import build_warm_start_examples, warm_start
 
     agent = MemoryAgent(tokenizer, TransformersGenerator(model, tokenizer, SamplingConfig()), agent_config)

@@ -27,14 +27,15 @@ from trl import GRPOTrainer
 
 from memtrain.agent.generation import GenerationOutput, SamplingConfig
 from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
-from memtrain.agent.prompts import TARGET_TOKEN
 from memtrain.agent.recall import (
     EntityFinder,
     EntityMasker,
     RecallProbe,
     build_recall_probes,
+    default_entity_tools,
     row_document_template,
 )
+from memtrain.agent.search_agent import build_search_agent
 from memtrain.agent.trajectory import Trajectory
 from memtrain.configs import MemTrainConfig
 from memtrain.grpo import (
@@ -129,44 +130,6 @@ class TrainerGenerator:
                 return
             if width:
                 self._run([self._filler_prompt] * width, 1, budget)
-
-
-def default_entity_tools() -> tuple[EntityFinder, EntityMasker]:
-    """The paper's spaCy entity rule and the leak-free masker of memtrain.data.entities, for recall probes."""
-    from memtrain.data.entities import EntityExtractor, EntityLeakError, mask_entity_in_text
-
-    extractor = EntityExtractor()
-
-    def find_entities(texts: list[str]) -> list[list[str]]:
-        return [[entity.text for entity in entities] for entities in extractor(texts)]
-
-    def mask_target(text: str, entity: str) -> str:
-        try:
-            return mask_entity_in_text(text, entity, token=TARGET_TOKEN)
-        except EntityLeakError:
-            return text  # unmaskable without a leak: build_recall_probes moves on to another entity or chunk
-
-    return find_entities, mask_target
-
-
-def build_search_agent(args: MemTrainConfig, tokenizer: Any, generator: TrainerGenerator) -> Any:
-    """MEM1's search agent over an in-process index or a shared retriever service; None for the memory agent."""
-    if args.agent_type != "search":
-        return None
-    from memtrain.agent.search_agent import SearchAgent, SearchAgentConfig
-    from memtrain.retrieval import RemoteRetriever, Retriever
-
-    if args.retriever.startswith(("http://", "https://")):
-        retriever = RemoteRetriever(args.retriever)
-    else:
-        retriever = Retriever.from_corpus(args.retriever, method=args.retriever_method)
-    config = SearchAgentConfig(
-        max_turns=args.search_max_turns,
-        topk=args.search_topk,
-        observation_max_tokens=args.search_observation_tokens,
-        max_new_tokens=args.search_max_new_tokens,
-    )
-    return SearchAgent(tokenizer, generator, retriever, config)
 
 
 class MemTrainer(GRPOTrainer):

@@ -177,3 +177,21 @@ def row_document_template(row: Mapping[str, Any]) -> str:
     if isinstance(config, Mapping) and isinstance(config.get("document_template"), str):
         return config["document_template"]
     return DEFAULT_DOCUMENT_TEMPLATE
+
+
+def default_entity_tools() -> tuple[EntityFinder, EntityMasker]:
+    """The paper's spaCy entity rule and the leak-free masker of memtrain.data.entities, for recall probes."""
+    from memtrain.data.entities import EntityExtractor, EntityLeakError, mask_entity_in_text
+
+    extractor = EntityExtractor()
+
+    def find_entities(texts: list[str]) -> list[list[str]]:
+        return [[entity.text for entity in entities] for entities in extractor(texts)]
+
+    def mask_target(text: str, entity: str) -> str:
+        try:
+            return mask_entity_in_text(text, entity, token=TARGET_TOKEN)
+        except EntityLeakError:
+            return text  # unmaskable without a leak: build_recall_probes moves on to another entity or chunk
+
+    return find_entities, mask_target

@@ -16,10 +16,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from memtrain.agent.generation import GenerationOutput, Generator, SamplingConfig
 from memtrain.agent.trajectory import ModelCall, Trajectory
+
+
+if TYPE_CHECKING:
+    from memtrain.configs import MemTrainConfig
 
 
 INITIAL_STATE = "No internal state yet."
@@ -438,3 +442,22 @@ class SearchAgent:
                 "forced_final": forced,
             }
         )
+
+
+def build_search_agent(args: MemTrainConfig, tokenizer: Any, generator: Generator) -> SearchAgent | None:
+    """MEM1's search agent over an in-process index or a shared retriever service; None for the memory agent."""
+    if args.agent_type != "search":
+        return None
+    from memtrain.retrieval import RemoteRetriever, Retriever
+
+    if args.retriever.startswith(("http://", "https://")):
+        retriever = RemoteRetriever(args.retriever)
+    else:
+        retriever = Retriever.from_corpus(args.retriever, method=args.retriever_method)
+    config = SearchAgentConfig(
+        max_turns=args.search_max_turns,
+        topk=args.search_topk,
+        observation_max_tokens=args.search_observation_tokens,
+        max_new_tokens=args.search_max_new_tokens,
+    )
+    return SearchAgent(tokenizer, generator, retriever, config)
