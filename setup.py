@@ -22,7 +22,7 @@ _deps = {
     "bm25s": "bm25s>=0.2",
     "faiss-cpu": "faiss-cpu>=1.8",
     "sentence-transformers": "sentence-transformers>=3.0",
-    "bitsandbytes": "bitsandbytes>=0.45",
+    "bitsandbytes": "bitsandbytes>=0.50,<0.51",  # 0.50: the CPU backend (NF4 Linear4bit) the QLoRA tests run on
     "vllm": "vllm>=0.10",
     "openai": "openai>=1.98",
     "fastapi": "fastapi>=0.110",
@@ -52,7 +52,7 @@ extras = {
     "serve": deps("openai", "fastapi", "uvicorn"),
     "quality": deps("ruff"),
 }
-extras["tests"] = deps("pytest") + extras["data"] + extras["serve"]
+extras["tests"] = deps("pytest") + extras["data"] + extras["serve"] + extras["quant"]
 extras["dev"] = extras["tests"] + extras["quality"]
 
 setup(
