@@ -3,7 +3,7 @@
 
 import sys
 
-from memtrain.evaluation import main
+from memtrain.evaluation.cli import main
 
 
 if __name__ == "__main__":

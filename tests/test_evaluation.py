@@ -270,7 +270,7 @@ def test_cli_and_script_take_the_same_arguments(tmp_path, tokenizer):
 
     from memtrain.cli import build_parser
     from memtrain.cli import main as cli_main
-    from memtrain.evaluation import add_eval_arguments
+    from memtrain.evaluation.cli import add_eval_arguments
 
     model_dir = save_tiny_checkpoint(tokenizer, tmp_path / "tiny")
     rows = tmp_path / "rows.jsonl"
@@ -280,7 +280,7 @@ def test_cli_and_script_take_the_same_arguments(tmp_path, tokenizer):
 
     # scripts/evaluate.py is memtrain.evaluation.main: its parser and `memtrain eval`'s parse argv identically
     script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "evaluate.py"))
-    assert script["main"].__module__ == "memtrain.evaluation"
+    assert script["main"].__module__ == "memtrain.evaluation.cli"
     from_script = vars(add_eval_arguments(argparse.ArgumentParser()).parse_args(argv))
     from_cli = vars(build_parser().parse_args(["eval", *argv]))
     assert {k: v for k, v in from_cli.items() if k not in ("command", "handler")} == from_script

@@ -156,7 +156,7 @@ def _warn_truncation(trajectory, args: argparse.Namespace) -> None:
 
 @register_subcommand("eval")
 def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from memtrain.evaluation import add_eval_arguments, run_eval
+    from memtrain.evaluation.cli import add_eval_arguments, run_eval
 
     parser = subparsers.add_parser(
         "eval",

@@ -1,0 +1,177 @@
+"""Runners: one model over one task's rows as the memory agent, the search agent, or with the whole context."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from memtrain.evaluation.config import EvalConfig
+from memtrain.evaluation.scoring import _mean, _search_scores, score_prediction
+from memtrain.metrics import masked_entity_match
+from memtrain.rewards import recall_score
+
+
+@dataclass
+class RunOutput:
+    """One (model, mode) pass over the rows: raw replies per row (None = skipped) and the pages' trajectories."""
+
+    replies: list[list[str] | None]
+    trajectories: list[list[Any]]
+    extra_scores: list[list[dict[str, float]] | None]
+    seconds: float
+
+
+class Evaluator:
+    """Runs one model over one task's rows in each mode and scores the replies."""
+
+    def __init__(self, tokenizer: Any, generator: Any, config: EvalConfig, retriever: Any = None) -> None:
+        self.tokenizer = tokenizer
+        self.generator = generator
+        self.config = config
+        self.retriever = retriever
+
+    def _batches(self, rows: Sequence[Any]) -> list[tuple[int, list[Any]]]:
+        size = self.config.batch_size
+        return [(start, list(rows[start : start + size])) for start in range(0, len(rows), size)]
+
+    def _batch_sampling(self, batch_index: int, max_new_tokens: int):
+        """The run seed shifted per batch: the same seed and batch size give the same samples."""
+        sampling = self.config.sampling(max_new_tokens)
+        return replace(sampling, seed=self.config.seed * 1_000_033 + batch_index)
+
+    def run_memory_agent(self, rows: Sequence[Mapping[str, Any]]) -> RunOutput:
+        from memtrain.agent.memory_agent import MemoryAgent
+
+        cfg = self.config
+        agent = MemoryAgent(self.tokenizer, self.generator, cfg.agent_config())
+        start = time.perf_counter()
+        replies, pages, extra = [], [], []
+        for index, (offset, batch) in enumerate(self._batches(rows)):
+            trajectories = agent.rollout(
+                [row["context"] for row in batch],
+                [row["prompt"] for row in batch],
+                n=cfg.num_samples,
+                doc_ids=[str(row.get("id", offset + i)) for i, row in enumerate(batch)],
+                sampling=self._batch_sampling(index, cfg.max_answer_tokens),
+            )
+            from memtrain.agent.recall import row_document_template
+
+            templates = [row_document_template(row) for row in batch for _ in range(cfg.num_samples)]
+            recall = self._recall_scores(agent, trajectories, index, templates) if cfg.task == "memtrain" else None
+            for i in range(len(batch)):
+                group = trajectories[i * cfg.num_samples : (i + 1) * cfg.num_samples]
+                replies.append([t.answer for t in group])
+                pages.append(group)
+                extra.append(None if recall is None else recall[i * cfg.num_samples : (i + 1) * cfg.num_samples])
+        return RunOutput(replies, pages, extra, time.perf_counter() - start)
+
+    def _recall_scores(
+        self, agent: Any, trajectories: list[Any], batch_index: int, templates: list[str]
+    ) -> list[dict[str, float]]:
+        """Recall accuracy per rollout: one probe on an intermediate memory, ``recall_samples`` answers, mean EM."""
+        from memtrain.agent.recall import build_recall_probes, default_entity_tools
+
+        if not hasattr(self, "_entity_tools"):
+            self._entity_tools = default_entity_tools()
+        cfg = self.config
+        probes = build_recall_probes(
+            trajectories, *self._entity_tools, cfg.recall_chunk_policy, seed=cfg.seed, template=templates
+        )
+        live = [p for p in probes if p is not None]
+        scores: list[dict[str, float]] = [{} for _ in trajectories]
+        if not live:
+            return scores
+        prompts = [agent.encode_chat(agent.templates.render_recall(p.memory, p.masked_chunk)) for p in live]
+        output = self.generator.generate(
+            prompts, n=cfg.recall_samples, sampling=self._batch_sampling(10_000 + batch_index, cfg.max_answer_tokens)
+        )
+        for k, probe in enumerate(live):
+            texts = [
+                self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                for ids in output.completion_ids[k * cfg.recall_samples : (k + 1) * cfg.recall_samples]
+            ]
+            trajectories[probe.trajectory_index].metadata["recall"] = {"entity": probe.entity, "answers": texts}
+            scores[probe.trajectory_index] = {
+                "recall_strict": _mean([float(masked_entity_match(t, probe.entity)) for t in texts]),
+                "recall_lenient": _mean([float(masked_entity_match(t, probe.entity, lenient=True)) for t in texts]),
+                "recall_f1": _mean([recall_score(t, probe.entity, "f1", lenient=True) for t in texts]),
+            }
+        return scores
+
+    def full_context_prompt(self, row: Mapping[str, Any]) -> list[int]:
+        """The final-answer prompt with the whole context in the memory slot."""
+        from memtrain.agent.prompts import PromptTemplates
+
+        text = PromptTemplates().render_final(row["prompt"], row["context"])
+        encoded = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def run_full_context(self, rows: Sequence[Mapping[str, Any]]) -> RunOutput:
+        cfg = self.config
+        start = time.perf_counter()
+        prompts = [self.full_context_prompt(row) for row in rows]
+        fits = [i for i, ids in enumerate(prompts) if len(ids) <= cfg.max_context_tokens]
+        replies: list[list[str] | None] = [None] * len(rows)
+        for index, (_, batch) in enumerate(self._batches(fits)):
+            output = self.generator.generate(
+                [prompts[i] for i in batch],
+                n=cfg.num_samples,
+                sampling=self._batch_sampling(index, cfg.max_answer_tokens),
+            )
+            for j, i in enumerate(batch):
+                replies[i] = [
+                    self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    for ids in output.completion_ids[j * cfg.num_samples : (j + 1) * cfg.num_samples]
+                ]
+        return RunOutput(replies, [[] for _ in rows], [None] * len(rows), time.perf_counter() - start)
+
+    def run_search_agent(self, rows: Sequence[Mapping[str, Any]]) -> RunOutput:
+        from memtrain.agent.search_agent import SearchAgent, SearchAgentConfig
+
+        if self.retriever is None:
+            raise ValueError("--task search needs a retriever: pass --retriever_corpus FILE or --retriever_url URL.")
+        cfg = self.config
+        search = SearchAgentConfig(
+            max_turns=cfg.search_max_turns, topk=cfg.search_topk, max_new_tokens=cfg.search_max_new_tokens
+        )
+        agent = SearchAgent(self.tokenizer, self.generator, self.retriever, search)
+        start = time.perf_counter()
+        replies, pages, extra = [], [], []
+        for index, (_, batch) in enumerate(self._batches(rows)):
+            trajectories = agent.rollout(
+                batch, n=cfg.num_samples, sampling=self._batch_sampling(index, cfg.search_max_new_tokens)
+            )
+            for i in range(len(batch)):
+                group = trajectories[i * cfg.num_samples : (i + 1) * cfg.num_samples]
+                replies.append([t.answer for t in group])
+                pages.append(group)
+                extra.append([_search_scores(t.metadata) for t in group])
+        return RunOutput(replies, pages, extra, time.perf_counter() - start)
+
+    def run(self, rows: Sequence[Mapping[str, Any]], mode: str) -> RunOutput:
+        if mode == "full_context":
+            return self.run_full_context(rows)
+        if self.config.task == "search":
+            return self.run_search_agent(rows)
+        return self.run_memory_agent(rows)
+
+    def score(self, rows: Sequence[Mapping[str, Any]], output: RunOutput) -> list[list[dict[str, float]] | None]:
+        """Per-sample scores of a run (None for skipped rows), merging task metrics and recall/search extras."""
+        cfg = self.config
+        scored: list[list[dict[str, float]] | None] = []
+        for row, replies, extra in zip(rows, output.replies, output.extra_scores):
+            if replies is None:
+                scored.append(None)
+                continue
+            if cfg.task == "search":
+                scored.append(list(extra))
+                continue
+            samples = [score_prediction(cfg.task, text, row["answers"], cfg.answer_extraction) for text in replies]
+            if extra is not None:
+                samples = [{**sample, **more} for sample, more in zip(samples, extra)]
+            scored.append(samples)
+        return scored
