@@ -8,6 +8,7 @@ call's completion: turns are never concatenated.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,10 @@ class TrainingRow:
     """One model call as a training sequence: loss on ``completion_ids`` only, given exactly ``prompt_ids``.
 
     ``conversation`` identifies the rollout (or recall answer) the call belongs to, for ``rollout_mean``.
-    ``weight`` is the per-token loss weight, set by :func:`assign_loss_weights`.
+    ``weight`` is the per-token loss weight, set by :func:`assign_loss_weights`. ``old_logps`` are the policy's
+    log-probs before the step's updates (only when they can differ from the current ones); ``sampling_logps`` are
+    the log-probs the completion was sampled with (vLLM; NaN where the engine gave none), for TRL's importance
+    sampling correction of the engine/trainer mismatch.
     """
 
     prompt_ids: list[int]
@@ -70,10 +74,19 @@ class TrainingRow:
     conversation: int
     weight: float = 0.0
     old_logps: list[float] | None = None
+    sampling_logps: list[float] | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def sampling_logps_of(logprobs: list | None, length: int) -> list[float] | None:
+    """A call's generation-time log-probs as a row's ``sampling_logps``: None entries (unscored by vLLM) as NaN."""
+    if logprobs is None:
+        return None
+    values = [math.nan if value is None else float(value) for value in logprobs[:length]]
+    return values + [math.nan] * (length - len(values))
 
 
 LOSS_AGGREGATIONS = ("conversation_mean", "token_mean", "rollout_mean")
@@ -149,6 +162,8 @@ def collate_rows(rows: list[TrainingRow], pad_token_id: int, device: torch.devic
     completion_ids = torch.full((n, completion_len), pad_token_id, dtype=torch.long)
     completion_mask = torch.zeros((n, completion_len), dtype=torch.long)
     old_logps = torch.zeros((n, completion_len), dtype=torch.float32)
+    # Rows without sampling log-probs (dummy rows) get NaN: a zero log-ratio, so no correction, as TRL treats NaN.
+    sampling_logps = torch.full((n, completion_len), math.nan, dtype=torch.float32)
     for i, row in enumerate(rows):
         p, c = len(row.prompt_ids), len(row.completion_ids)
         prompt_ids[i, prompt_len - p :] = torch.tensor(row.prompt_ids, dtype=torch.long)
@@ -158,6 +173,9 @@ def collate_rows(rows: list[TrainingRow], pad_token_id: int, device: torch.devic
             completion_mask[i, :c] = 1
         if row.old_logps is not None and c:
             old_logps[i, :c] = torch.tensor(row.old_logps[:c], dtype=torch.float32)
+        if row.sampling_logps is not None and c:
+            values = [math.nan if v is None else v for v in row.sampling_logps[:c]]
+            sampling_logps[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
     batch = {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
@@ -168,6 +186,8 @@ def collate_rows(rows: list[TrainingRow], pad_token_id: int, device: torch.devic
     }
     if all(r.old_logps is not None for r in rows):
         batch["old_per_token_logps"] = old_logps
+    if any(r.sampling_logps is not None for r in rows):
+        batch["sampling_per_token_logps"] = sampling_logps
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -179,15 +199,52 @@ def clipped_policy_loss(
     epsilon_high: float,
     ref_per_token_logps: torch.Tensor | None = None,
     beta: float = 0.0,
+    importance_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token PPO-clip loss (+ beta x the k3 KL estimate to the reference). Returns (loss, kl)."""
+    """Per-token PPO-clip loss (+ beta x the k3 KL estimate to the reference). Returns (loss, kl).
+
+    ``importance_weights`` ((B, T) or (B, 1), from :func:`vllm_importance_weights`) multiply the policy term
+    only, before the KL term is added, as TRL 1.16 does.
+    """
     ratio = torch.exp(per_token_logps - old_per_token_logps)
     advantages = advantages.unsqueeze(1)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     loss = -torch.min(ratio * advantages, clipped * advantages)
+    if importance_weights is not None:
+        loss = loss * importance_weights
     kl = None
     if ref_per_token_logps is not None:
         delta = ref_per_token_logps - per_token_logps
         kl = torch.exp(delta) - delta - 1
         loss = loss + beta * kl
     return loss, kl
+
+
+VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def vllm_importance_weights(
+    old_per_token_logps: torch.Tensor,
+    sampling_per_token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float | None,
+) -> torch.Tensor:
+    """TRL 1.16's vLLM importance-sampling ratio pi_old / pi_sampler, per token (B, T) or per sequence (B, 1).
+
+    The log-ratio ``old - sampling`` is zeroed on padding and where the sampler gave no log-prob (NaN); sequence
+    modes sum it over the completion. ``*_truncate`` clamps the ratio to [clip_min, clip_max]; ``*_mask`` sets
+    ratios outside that range to 0 (the token or sequence is dropped from the loss). A None bound is open.
+    """
+    if mode not in VLLM_IS_MODES:
+        raise ValueError(f"vllm_importance_sampling_mode must be one of {', '.join(VLLM_IS_MODES)}, got {mode!r}.")
+    diff = torch.nan_to_num((old_per_token_logps - sampling_per_token_logps) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)

@@ -33,6 +33,7 @@ __all__ = [
     "check_push",
     "check_training_rows",
     "check_dataset_size",
+    "check_grpo_options",
     "check_utf8_file",
     "complete_checkpoints",
     "is_complete_checkpoint",
@@ -313,3 +314,52 @@ def complete_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[Path]
 
 def is_complete_checkpoint(checkpoint: str | Path) -> bool:
     return _is_complete(Path(checkpoint))
+
+
+# GRPOConfig options (TRL 1.16) that MemTrainer's own loss and rollouts do not implement: (name, is it set to
+# something MemTrainer would ignore?, what to do instead). Their defaults are what MemTrainer does.
+_IGNORED_GRPO_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("loss_type", lambda v: v != "dapo",
+     "MemTrainer's loss is the per-token PPO-clip objective aggregated by loss_aggregation; remove loss_type and "
+     "set loss_aggregation (conversation_mean, token_mean or rollout_mean)"),
+    ("importance_sampling_level", lambda v: v != "token",
+     "MemTrainer's PPO ratio is per token (sequence-level GSPO is not implemented); remove it"),
+    ("mask_truncated_completions", lambda v: bool(v),
+     "truncated memory updates and answers are trained like finished ones; remove it"),
+    ("top_entropy_quantile", lambda v: v < 1.0,
+     "MemTrainer trains every completion token (no high-entropy token mask); remove it"),
+    ("use_liger_kernel", lambda v: bool(v),
+     "MemTrainer computes its log-probs with its own forward pass; remove it"),
+    ("entropy_coef", lambda v: v != 0.0, "MemTrainer's loss has no entropy bonus; remove it"),
+    ("use_adaptive_entropy", lambda v: bool(v), "MemTrainer's loss has no entropy bonus; remove it"),
+    ("off_policy_mask_threshold", lambda v: v is not None,
+     "MemTrainer's loss has no off-policy sequence mask; remove it"),
+    ("delta", lambda v: v is not None,
+     "MemTrainer's PPO clip is one-sided per advantage sign (epsilon, epsilon_high); remove delta"),
+    ("multi_objective_aggregation", lambda v: v != "sum_then_normalize",
+     "MemTrainer sums the weighted rewards, then centres them per group; remove it"),
+    ("router_aux_loss_coef", lambda v: v is not None,
+     "MemTrainer's loss adds no MoE router auxiliary loss; remove it"),
+    ("chat_template_kwargs", lambda v: bool(v),
+     "the memory agent renders its prompts with the tokenizer's chat template as is; remove it"),
+    ("max_tool_calling_iterations", lambda v: v is not None,
+     "MemTrainer has no tool-calling loop (the search agent's turns are search_max_turns); remove it"),
+)  # fmt: skip
+
+
+def check_grpo_options(args: Any) -> None:
+    """Refuse every GRPOConfig option set to a value MemTrainer would silently ignore, naming each and the fix.
+
+    MemTrainer replaces TRL's loss and generation loop, so options that only act inside them (TRL's loss types,
+    sequence-level ratios, entropy masks and bonuses, truncation masks, Liger's fused loss, ...) would train
+    something other than what the recipe says. Their defaults are accepted. Cheap: call it before the model loads.
+    """
+    problems = []
+    for name, ignored, fix in _IGNORED_GRPO_OPTIONS:
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if ignored(value):
+            problems.append(f"{name}={value!r} is not supported by MemTrainer: {fix}")
+    if problems:
+        raise PreflightError("; ".join(problems) + ".")

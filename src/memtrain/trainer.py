@@ -45,8 +45,12 @@ from memtrain.grpo import (
     collate_rows,
     group_advantages,
     pack_micro_batches,
+    sampling_logps_of,
+    vllm_importance_weights,
 )
+from memtrain.preflight import check_grpo_options
 from memtrain.rewards import get_reward_funcs, recall_score
+from memtrain.vllm_rollouts import VLLMRolloutSession, check_vllm_version, memtrain_vllm_generation, sync_counter
 
 
 class TrainerGenerator:
@@ -165,17 +169,25 @@ class MemTrainer(GRPOTrainer):
                 "log_completions is not supported by MemTrainer (a sample is a whole rollout); use "
                 "trajectory_html_steps to save rollouts as HTML pages."
             )
+        # GRPOConfig options MemTrainer's loss or rollouts would silently ignore, and a vLLM TRL cannot drive, are
+        # refused before the model loads.
+        check_grpo_options(args)
+        if args.use_vllm:
+            check_vllm_version()
         reward_funcs = reward_funcs if reward_funcs is not None else get_reward_funcs(args.reward_funcs)
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            peft_config=peft_config,
-        )
+        with memtrain_vllm_generation():  # QLoRA-safe sync and a dense engine for a 4-bit policy
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                peft_config=peft_config,
+            )
+        if self.use_vllm:
+            sync_counter(self.vllm_generation)  # every sync counted, for vllm/weight_syncs
         self.agent_config = agent_config or AgentConfig()
         self.templates = self.agent_config.templates()
         self.generator = TrainerGenerator(self)
@@ -185,6 +197,8 @@ class MemTrainer(GRPOTrainer):
         self._skip_next_optimizer_step = False
         self._last_trajectories: list[Trajectory] = []
         self._pending_loss_sums: dict[str, torch.Tensor] = {}  # entropy, KL, clipped, tokens summed per mode
+        # vLLM importance sampling per mode: |logp diff| sum, count, max; ratio sum, count, min, max.
+        self._pending_is_stats: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ optimizer: skip empty steps
     def create_optimizer(self, *args, **kwargs):
@@ -269,29 +283,32 @@ class MemTrainer(GRPOTrainer):
         metrics = self._metrics[mode]
         n_local = len(batch)
         start = time.perf_counter()
-        if self.search_agent is not None:
-            trajectories = self.search_agent.rollout(batch, n=1)
-        else:
-            trajectories = self.memory_agent.rollout(
-                [row["context"] for row in batch],
-                [row["prompt"] for row in batch],
-                n=1,
-                doc_ids=[str(row.get("id", i)) for i, row in enumerate(batch)],
-                sampling=SamplingConfig(max_new_tokens=self.agent_config.max_memory_tokens),
-            )
+        # vLLM: one weight sync for all of the batch's agent calls, the engine awake between them, asleep (sleep
+        # mode) before the old log-probs and backward passes.
+        with VLLMRolloutSession(self):
+            if self.search_agent is not None:
+                trajectories = self.search_agent.rollout(batch, n=1)
+            else:
+                trajectories = self.memory_agent.rollout(
+                    [row["context"] for row in batch],
+                    [row["prompt"] for row in batch],
+                    n=1,
+                    doc_ids=[str(row.get("id", i)) for i, row in enumerate(batch)],
+                    sampling=SamplingConfig(max_new_tokens=self.agent_config.max_memory_tokens),
+                )
 
-        recall_wanted = "memory_recall" in self.args.reward_funcs or self.args.train_recall_answers
-        probes: list[RecallProbe | None] = [None] * n_local
-        candidate_counts: Counter[str] = Counter()
-        if recall_wanted and self.args.recall_samples > 0 and self.search_agent is None:
-            find_entities, mask_entity = self.entity_tools
-            seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.accelerator.process_index
-            probes = build_recall_probes(
-                trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed,
-                template=[row_document_template(row) for row in batch], counts=candidate_counts,
-            )  # fmt: skip
-        recall_scores, recall_output, recall_prompts = self._answer_probes(probes)
-        self.generator.synchronize()
+            recall_wanted = "memory_recall" in self.args.reward_funcs or self.args.train_recall_answers
+            probes: list[RecallProbe | None] = [None] * n_local
+            candidate_counts: Counter[str] = Counter()
+            if recall_wanted and self.args.recall_samples > 0 and self.search_agent is None:
+                find_entities, mask_entity = self.entity_tools
+                seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.accelerator.process_index
+                probes = build_recall_probes(
+                    trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed,
+                    template=[row_document_template(row) for row in batch], counts=candidate_counts,
+                )  # fmt: skip
+            recall_scores, recall_output, recall_prompts = self._answer_probes(probes)
+            self.generator.synchronize()
         recall_rewards = [sum(s) / len(s) if s else None for s in recall_scores]
         metrics["rollout_time"].append(time.perf_counter() - start)
 
@@ -302,7 +319,9 @@ class MemTrainer(GRPOTrainer):
         )
         total_rewards = torch.nansum(rewards_per_func * weights.unsqueeze(0), dim=1)
         n_global = total_rewards.numel()
-        group_ids = torch.arange(n_global) // self.num_generations
+        # Evaluation batches repeat each row num_generations_eval times (TRL's eval sampler).
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        group_ids = torch.arange(n_global) // group_size
         rollout_adv = group_advantages(
             total_rewards, group_ids, self.args.scale_rewards, self.args.filter_zero_variance_groups
         )
@@ -316,7 +335,12 @@ class MemTrainer(GRPOTrainer):
             advantage = float(rollout_adv.advantages[local][i])
             for call in trajectory.calls:
                 if call.completion_ids:
-                    rows.append(TrainingRow(call.prompt_ids, call.completion_ids, advantage, call.kind, i))
+                    rows.append(
+                        TrainingRow(
+                            call.prompt_ids, call.completion_ids, advantage, call.kind, i,
+                            sampling_logps=sampling_logps_of(call.logprobs, len(call.completion_ids)),
+                        )
+                    )  # fmt: skip
 
         # Each probe's G2 answers form their own group.
         probe_rewards = [score for scores in recall_scores for score in scores]
@@ -331,13 +355,15 @@ class MemTrainer(GRPOTrainer):
             )
             recall_filtered = recall_adv.num_filtered_groups
             prompt_of_answer = [p for p in recall_prompts for _ in range(self.args.recall_samples)]
+            sampled = recall_output.logprobs
             for a, completion in enumerate(recall_output.completion_ids):
                 if bool(recall_adv.keep[a]) and completion:
                     rows.append(
                         TrainingRow(
-                            prompt_of_answer[a], completion, float(recall_adv.advantages[a]), "recall", n_local + a
+                            prompt_of_answer[a], completion, float(recall_adv.advantages[a]), "recall", n_local + a,
+                            sampling_logps=sampling_logps_of(None if sampled is None else sampled[a], len(completion)),
                         )
-                    )
+                    )  # fmt: skip
 
         if self.num_iterations > 1 or self.args.steps_per_generation > self.current_gradient_accumulation_steps:
             self._set_old_logps(rows)
@@ -470,11 +496,40 @@ class MemTrainer(GRPOTrainer):
         logps, entropies = self._row_logps(model, batch)
         old = batch.get("old_per_token_logps", logps.detach())
         ref = self._ref_logps(model, batch) if self.beta != 0.0 else None
+        mask = batch["completion_mask"].to(logps.dtype)
+        # TRL's vLLM importance sampling: the policy term is reweighted by pi_old / pi_vLLM (clipped or masked).
+        is_weights, sampling = None, batch.get("sampling_per_token_logps")
+        if self.use_vllm and self.vllm_importance_sampling_correction and sampling is not None:
+            is_weights = vllm_importance_weights(
+                old, sampling, mask, self.vllm_importance_sampling_mode,
+                self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max,
+            )  # fmt: skip
         per_token_loss, kl = clipped_policy_loss(
-            logps, old, batch["advantages"], self.epsilon_low, self.epsilon_high, ref, self.beta
+            logps, old, batch["advantages"], self.epsilon_low, self.epsilon_high, ref, self.beta, is_weights
         )
-        mask = batch["completion_mask"].to(per_token_loss.dtype)
         loss = (per_token_loss * mask * batch["weights"].unsqueeze(1)).sum()
+
+        if record and is_weights is not None:
+            # TRL's sampling/* metrics: |old - sampling| over scored tokens, the ratio over tokens or sequences.
+            valid = mask.bool()
+            delta = (old - sampling).abs()
+            delta = delta[valid & ~torch.isnan(delta)]
+            ratios = is_weights.flatten() if is_weights.size(1) == 1 else is_weights[valid]
+            inf = torch.tensor(math.inf, device=mask.device)
+            stats = torch.stack([
+                delta.sum(), torch.tensor(float(delta.numel()), device=mask.device),
+                delta.max() if delta.numel() else torch.zeros((), device=mask.device),
+                ratios.sum(), torch.tensor(float(ratios.numel()), device=mask.device),
+                ratios.min() if ratios.numel() else inf, ratios.max() if ratios.numel() else -inf,
+            ]).double()  # fmt: skip
+            pending = self._pending_is_stats.get(mode)
+            if pending is None:
+                self._pending_is_stats[mode] = stats
+            else:
+                merged = pending + stats
+                merged[2], merged[6] = torch.maximum(pending[2], stats[2]), torch.maximum(pending[6], stats[6])
+                merged[5] = torch.minimum(pending[5], stats[5])
+                self._pending_is_stats[mode] = merged
 
         if record:
             ratio = torch.exp(logps.detach() - old)
@@ -492,10 +547,29 @@ class MemTrainer(GRPOTrainer):
         """Entropy, KL and clip ratio as token means over the whole step on every process (one collective)."""
         pending = self._pending_loss_sums.pop(mode, None)
         local = pending if pending is not None else torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)
-        entropy, kl, clipped, tokens = self._gather_floats(local.view(1, 4)).view(-1, 4).sum(0).tolist()
+        # With vLLM importance sampling the step's sampling/* statistics ride in the same collective (every rank
+        # takes this branch: the condition is the config's).
+        with_is = self.use_vllm and self.vllm_importance_sampling_correction
+        if with_is:
+            empty = torch.tensor([0, 0, 0, 0, 0, math.inf, -math.inf], dtype=torch.float64)
+            is_stats = self._pending_is_stats.pop(mode, None)
+            is_stats = (is_stats if is_stats is not None else empty).to(local.device)
+            local = torch.cat([local, is_stats])
+        width = local.numel()
+        gathered = self._gather_floats(local.view(1, width)).view(-1, width)
+        entropy, kl, clipped, tokens = gathered[:, :4].sum(0).tolist()
         if not tokens:
             return
         metrics = self._metrics[mode]
+        if with_is:
+            delta_sum, delta_n, _, ratio_sum, ratio_n = gathered[:, 4:9].sum(0).tolist()
+            if delta_n:
+                metrics["sampling/sampling_logp_difference/mean"].append(delta_sum / delta_n)
+                metrics["sampling/sampling_logp_difference/max"].append(float(gathered[:, 6].max()))
+            if ratio_n:
+                metrics["sampling/importance_sampling_ratio/min"].append(float(gathered[:, 9].min()))
+                metrics["sampling/importance_sampling_ratio/mean"].append(ratio_sum / ratio_n)
+                metrics["sampling/importance_sampling_ratio/max"].append(float(gathered[:, 10].max()))
         metrics["entropy"].append(entropy / tokens)
         if self.beta != 0.0:
             metrics["kl"].append(kl / tokens)

