@@ -1,13 +1,23 @@
-"""Run by tests/test_trainer.py under `torchrun --nproc_per_node 2`: MemTrainer with DDP (gloo) on CPU.
+"""Run by tests/test_trainer.py and tests/test_trainer_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU).
 
 The two processes get documents of different lengths, so their memory loops make different numbers of generator
-calls; the run must neither deadlock nor diverge. Each process writes what it did to <out>/rank<i>.json.
+calls and their steps have different numbers of rows; the run must neither deadlock nor diverge. Every scoring
+forward (``MemTrainer._row_logps``) also runs one all-reduce here, standing in for the parameter all-gather FSDP and
+ZeRO-3 run in each forward: a path whose processes run different numbers of forwards hangs (a gloo timeout) instead
+of passing by luck under DDP, whose forwards need no collective. Each process writes what it did to
+<out>/rank<i>.json.
+
+Modes: ``train`` (2 steps, log_completions on), ``iterations`` (num_iterations 2), ``generation``
+(steps_per_generation 2) and ``eval`` (an evaluation after the step).
 """
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from conftest import build_tiny_model
 from datasets import Dataset
 from transformers import AutoTokenizer
@@ -22,43 +32,105 @@ from memtrain.trainer import MemTrainer
 # logged values that must be the global ones (the ranks read documents of different lengths, so local ones differ)
 GATHERED = ("chunks/mean", "memory_tokens/mean", "recall_accuracy", "recall_groups_filtered", "entropy",
             "clip_ratio/region_mean", "rows_trained", "reward")  # fmt: skip
+EVAL_GATHERED = ("eval_loss", "eval_reward", "eval_rows_trained", "eval_entropy", "eval_chunks/mean")
+
+MODES = {
+    # mode: (paragraphs per document, in dataset order; config overrides)
+    "train": ([1, 6], {"log_completions": True, "num_completions_to_print": 2}),
+    "iterations": ([1, 6], {"num_iterations": 2, "max_tokens_per_microbatch": 1}),
+    # a generation batch is 2 steps' rollouts: 4 documents, ranks 0 and 1 get two each (contiguous slices)
+    "generation": ([1, 1, 6, 6], {"steps_per_generation": 2, "max_tokens_per_microbatch": 1}),
+    "eval": ([1, 6], {"max_steps": 1, "eval_strategy": "steps", "eval_steps": 1, "per_device_eval_batch_size": 2,
+                      "max_tokens_per_microbatch": 1}),
+}  # fmt: skip
 
 
 def answer_length_reward(completions, **kwargs):
     return [len(text) / 10 for text in completions]
 
 
-def main(tokenizer_dir: str, out: str) -> None:
+def count_collective_forwards(trainer: MemTrainer) -> Counter:
+    """Count every scoring forward by path, each running one all-reduce (FSDP's gather, in miniature)."""
+    forwards: Counter = Counter()
+    row_logps = trainer._row_logps
+
+    def collective_row_logps(model, batch):
+        dist.all_reduce(torch.ones(1))
+        path = "train" if torch.is_grad_enabled() else ("eval" if not trainer.model.training else "old_logps")
+        forwards[path] += 1
+        return row_logps(model, batch)
+
+    trainer._row_logps = collective_row_logps
+    return forwards
+
+
+def record_gradient_syncs(trainer: MemTrainer) -> list[bool]:
+    """Whether DDP all-reduced each backward (False inside no_sync), in call order."""
+    syncs: list[bool] = []
+    backward = trainer.accelerator.backward
+
+    def recording_backward(loss, **kwargs):
+        syncs.append(bool(trainer.model_wrapped.require_backward_grad_sync))
+        return backward(loss, **kwargs)
+
+    trainer.accelerator.backward = recording_backward
+    return syncs
+
+
+def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
+    sizes, overrides = MODES[mode]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     paragraphs = load_corpus(str(builtin_corpus_path("wiki-sample")), limit=40).paragraphs
-    # rank 0 reads 1-paragraph documents, rank 1 reads 6-paragraph ones (the sampler hands out contiguous slices)
+    # short documents on rank 0, long ones on rank 1 (the sampler hands out contiguous slices)
     rows = [
         {"prompt": "Which entity is [MASK]?", "context": "\n\n".join(p["text"] for p in paragraphs[i : i + size]),
          "answers": [paragraphs[i]["title"]], "id": str(i)}
-        for i, size in enumerate([1, 6])
+        for i, size in enumerate(sizes)
     ]  # fmt: skip
-    args = MemTrainConfig(
+    settings = dict(
         output_dir=str(Path(out) / "run"), per_device_train_batch_size=2, num_generations=2, recall_samples=2,
-        max_steps=2, learning_rate=1e-2, warmup_steps=0, beta=0.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        bf16=False, reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
-        trajectory_html_steps=0, lenient_recall=True, shuffle_dataset=False, seed=0,
+        max_steps=2, learning_rate=1e-2, warmup_steps=0, beta=0.0, logging_steps=1, save_strategy="no",
+        report_to="none", use_cpu=True, bf16=False, reward_funcs=["answer_length_reward", "memory_recall"],
+        reward_weights=[1.0, 0.5], trajectory_html_steps=0, lenient_recall=True, shuffle_dataset=False, seed=0,
+        ddp_timeout=60,  # a hang fails within a minute
     )  # fmt: skip
+    settings.update(overrides)
     agent = AgentConfig(chunk_size=32, max_chunks=6, max_memory_tokens=8, max_answer_tokens=6)
     trainer = MemTrainer(
-        model=build_tiny_model(tokenizer), args=args, agent_config=agent, train_dataset=Dataset.from_list(rows),
+        model=build_tiny_model(tokenizer), args=MemTrainConfig(**settings), agent_config=agent,
+        train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows) if mode == "eval" else None,
         processing_class=tokenizer, reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
     )  # fmt: skip
+    forwards = count_collective_forwards(trainer)
+    syncs = record_gradient_syncs(trainer)
     trainer.train()
     rank = trainer.accelerator.process_index
     checksum = sum(float(p.detach().double().sum()) for p in trainer.model.parameters())
+    history = trainer.state.log_history
+
+    # the decision for a micro-batch before the last, on this real 2-process accelerator: DDP defers the
+    # all-reduce (no_sync), FSDP reduce-scatters every micro-batch (Accelerate runs FSDP on GPUs only)
+    def defers(fsdp: bool) -> bool:
+        trainer.is_fsdp_enabled = fsdp
+        return type(trainer._micro_batch_context(trainer.model_wrapped, last=False)).__name__ != "nullcontext"
+
+    ddp_no_sync, fsdp_no_sync = defers(False), defers(True)
     report = {
         "world_size": trainer.accelerator.num_processes, "global_step": trainer.state.global_step,
-        "generator_calls": trainer.generator.calls, "checksum": checksum,
-        "rows_trained": [h["rows_trained"] for h in trainer.state.log_history if "rows_trained" in h],
-        "logged": [{k: h.get(k) for k in GATHERED} for h in trainer.state.log_history if "rows_trained" in h],
+        "generator_calls": trainer.generator.calls, "checksum": checksum, "forwards": dict(forwards),
+        "syncs": syncs, "ddp_no_sync": ddp_no_sync, "fsdp_no_sync": fsdp_no_sync,
+        "rows_trained": [h["rows_trained"] for h in history if "rows_trained" in h],
+        "logged": [{k: h.get(k) for k in GATHERED} for h in history if "rows_trained" in h],
+        "eval_logged": [{k: h.get(k) for k in EVAL_GATHERED} for h in history if "eval_loss" in h],
     }  # fmt: skip
+    if mode == "train" and trainer.accelerator.is_main_process:
+        import pandas as pd
+
+        tables = sorted(Path(settings["output_dir"], "completions").glob("*.parquet"))
+        frames = [pd.read_parquet(t) for t in tables]
+        report["completions"] = [{"columns": list(f.columns), "memories": f["memories"].tolist()} for f in frames]
     Path(out, f"rank{rank}.json").write_text(json.dumps(report), encoding="utf-8")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

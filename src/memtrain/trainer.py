@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -164,11 +165,7 @@ class MemTrainer(GRPOTrainer):
         entity_tools: tuple[EntityFinder, EntityMasker] | None = None,
         reward_funcs: list[Callable] | None = None,
     ):
-        if args.log_completions:
-            raise ValueError(
-                "log_completions is not supported by MemTrainer (a sample is a whole rollout); use "
-                "trajectory_html_steps to save rollouts as HTML pages."
-            )
+        self.check_launcher(args)
         # GRPOConfig options MemTrainer's loss or rollouts would silently ignore, and a vLLM TRL cannot drive, are
         # refused before the model loads.
         check_grpo_options(args)
@@ -200,7 +197,56 @@ class MemTrainer(GRPOTrainer):
         # vLLM importance sampling per mode: |logp diff| sum, count, max; ratio sum, count, min, max.
         self._pending_is_stats: dict[str, torch.Tensor] = {}
 
+    # ------------------------------------------------------------------ launchers
+    @staticmethod
+    def check_launcher(args: Any, deepspeed_enabled: bool = False) -> None:
+        """Refuse DeepSpeed (ZeRO-1/2/3) before anything loads: its engine steps the optimizer in synced backwards.
+
+        A MemTrainer step runs one backward per micro-batch (hundreds for a long document), so under DeepSpeed one
+        training step would become many optimizer steps on fractions of the rows. FSDP2 shards the same way and
+        lets the trainer take exactly one optimizer step per training step.
+        """
+        launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in {"1", "true", "yes"}
+        if deepspeed_enabled or launched or getattr(args, "deepspeed", None):
+            raise ValueError(
+                "MemTrainer does not run under DeepSpeed (its engine would step the optimizer once per micro-batch "
+                "instead of once per training step); launch with --config_file recipes/accelerate_configs/fsdp.yaml "
+                "(FSDP2) instead."
+            )
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self.check_launcher(self.args, self.is_deepspeed_enabled)  # also a DeepSpeed plugin passed in code
+        # Runs before the model is sharded (Trainer.train prepares it), so fully_shard takes the fp32 reduction.
+        policy = self._fp32_reduce_policy(getattr(self.accelerator.state, "fsdp_plugin", None))
+        if policy is not None:
+            self.accelerator.state.fsdp_plugin.mixed_precision_policy = policy
+
+    @staticmethod
+    def _fp32_reduce_policy(plugin: Any) -> Any:
+        """FSDP2 with bf16/fp16 compute: the same policy with gradients reduced and accumulated in fp32, or None.
+
+        Accelerate's ``mixed_precision: bf16`` gives FSDP2 ``reduce_dtype=bf16``, but it keeps fp32 masters for
+        trainable parameters; a step sums one reduce-scatter per micro-batch (hundreds of them), which bf16 rounds
+        away. fp32 doubles the reduce-scatter traffic of a step, overlapped with the backward; the sharded fp32
+        gradient is kept either way.
+        """
+        if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+            return None
+        policy = plugin.mixed_precision_policy
+        low = (torch.bfloat16, torch.float16)
+        if policy is None or policy.param_dtype not in low or policy.reduce_dtype == torch.float32:
+            return None  # no low-precision compute: gradients already reduce in the parameters' own dtype
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(
+            param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=policy.output_dtype,
+            cast_forward_inputs=policy.cast_forward_inputs,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ optimizer: skip empty steps
+    _step_has_gradient = False  # some micro-step of the current optimizer step had rows (on some process)
+
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         if not getattr(optimizer, "_memtrain_guarded", False):
@@ -208,9 +254,10 @@ class MemTrainer(GRPOTrainer):
 
             def guarded_step(*step_args, **step_kwargs):
                 # A step whose every group was filtered has no gradient; skipping keeps weight decay and Adam's
-                # momentum from moving the weights anyway.
-                if self._skip_next_optimizer_step:
-                    self._skip_next_optimizer_step = False
+                # momentum from moving the weights anyway. The flag is set for exactly this step (training_step,
+                # at the gradient accumulation boundary), so a stale one can never skip a later real update.
+                skip, self._skip_next_optimizer_step = self._skip_next_optimizer_step, False
+                if skip:
                     return None
                 return step(*step_args, **step_kwargs)
 
@@ -422,6 +469,28 @@ class MemTrainer(GRPOTrainer):
         metrics["tokens_trained"].append(n_tokens)
         metrics["groups_filtered"].append(float(rollout_adv.num_filtered_groups))
         metrics["recall_groups_filtered"].append(recall_groups_filtered)
+        if self.log_completions:
+            self._log_completions(trajectories, rewards_per_func, rollout_adv.advantages)
+
+    def _log_completions(self, trajectories: list[Trajectory], rewards_per_func, advantages: torch.Tensor) -> None:
+        """TRL's completions table, one row per rollout of the global batch: problem, memories, answer, rewards.
+
+        ``GRPOTrainer.log`` prints a sample of ``num_completions_to_print`` rows (rich), writes the table to
+        ``<output_dir>/completions/`` and sends it to wandb / trackio when they are in ``report_to``. Texts are
+        gathered in process order, as ``rewards_per_func`` and ``advantages`` already are.
+        """
+        from accelerate.utils import gather_object
+
+        def memories(trajectory: Trajectory) -> str:  # memories[0] is the initial one, written by no call
+            return "\n\n".join(f"[{t}] {memory}" for t, memory in enumerate(trajectory.memories[1:], start=1))
+
+        self._logs["prompt"].extend(gather_object([t.problem for t in trajectories]))
+        self._logs["completion"].extend(gather_object([t.answer for t in trajectories]))
+        self._logs["extra"]["memories"].extend(gather_object([memories(t) for t in trajectories]))
+        self._logs["extra"]["doc_id"].extend(gather_object([t.doc_id for t in trajectories]))
+        for j, func in enumerate(self.reward_funcs):
+            self._logs["rewards"][func.__name__].extend(rewards_per_func[:, j].tolist())
+        self._logs["advantages"].extend(advantages.tolist())
 
     def _maybe_save_trajectories(self, trajectories, rewards, recall_rewards) -> None:
         every = self.args.trajectory_html_steps
@@ -465,14 +534,16 @@ class MemTrainer(GRPOTrainer):
 
     def compute_row_logps(self, rows: list[TrainingRow]) -> list[list[float]]:
         """Log-probs of each row's completion tokens given exactly its own prompt (for checks and old log-probs)."""
-        out: list[list[float]] = []
+        micro_batches, n_micro = self._lockstep_micro_batches(rows)
+        by_id: dict[int, list[float]] = {}
         with torch.no_grad():
-            for micro in pack_micro_batches(rows, self.args.max_tokens_per_microbatch):
+            for k in range(n_micro):
+                micro = micro_batches[k] if k < len(micro_batches) else self._dummy_rows()  # lockstep forwards
                 batch = collate_rows(micro, self.processing_class.pad_token_id, self.accelerator.device)
                 logps, _ = self._row_logps(self.model, batch)
-                for k, row in enumerate(micro):
-                    out.append((id(row), logps[k, : len(row.completion_ids)].float().cpu().tolist()))
-        by_id = dict(out)
+                if k < len(micro_batches):
+                    for i, row in enumerate(micro):
+                        by_id[id(row)] = logps[i, : len(row.completion_ids)].float().cpu().tolist()
         return [by_id[id(row)] for row in rows]
 
     def _set_old_logps(self, rows: list[TrainingRow]) -> None:
@@ -579,11 +650,40 @@ class MemTrainer(GRPOTrainer):
         pad = self.processing_class.pad_token_id
         return [TrainingRow([pad], [pad], 0.0, "dummy", -1, weight=0.0)]
 
+    def _lockstep_micro_batches(self, rows: list[TrainingRow]) -> tuple[list[list[TrainingRow]], int]:
+        """The rows' micro-batches and how many forwards every process runs: the most any process has.
+
+        FSDP gathers parameters in every forward and DDP all-reduces in synced backwards, so each path that scores
+        rows (backward, old log-probs, evaluation) runs zero-weight dummy micro-batches on the processes with fewer
+        rows rather than leaving the others waiting in a collective.
+        """
+        micro_batches = pack_micro_batches(rows, self.args.max_tokens_per_microbatch)
+        if self.accelerator.num_processes == 1:
+            return micro_batches, len(micro_batches)
+        return micro_batches, int(self._gather_floats(torch.tensor([float(len(micro_batches))])).max())
+
+    def _micro_batch_context(self, model, last: bool) -> contextlib.AbstractContextManager:
+        """The gradient reduction of one micro-batch's backward.
+
+        DDP: one all-reduce per step, after the last micro-batch (``no_sync`` before it); every process holds the
+        full gradient anyway. FSDP: a reduce-scatter after every micro-batch, so a process keeps only its gradient
+        shard (``no_sync`` would hold the unsharded gradient, ~15 GB per GPU for a 7B model in bf16) and the step's
+        sum is taken shard by shard in fp32 (see ``_fp32_reduce_policy``) rather than over hundreds of bf16 ones.
+        """
+        if last or self.accelerator.num_processes == 1 or self.is_fsdp_enabled:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         start = time.perf_counter()
         model.train()
         rows = self._prepare_inputs(inputs)
         loss = self._backward_rows(model, rows, "train")
+        if self.accelerator.sync_gradients:
+            # The Trainer steps the optimizer right after this micro-step (the gradient accumulation boundary): skip
+            # that step exactly when none of its micro-steps had a row to learn from, on any process.
+            self._skip_next_optimizer_step = not self._step_has_gradient
+            self._step_has_gradient = False
         self._step += 1
         self._current_train_step_time += time.perf_counter() - start
         if self._step % self.current_gradient_accumulation_steps == 0:
@@ -592,32 +692,39 @@ class MemTrainer(GRPOTrainer):
         return loss
 
     def _backward_rows(self, model, rows: list[TrainingRow], mode: str) -> torch.Tensor:
-        micro_batches = pack_micro_batches(rows, self.args.max_tokens_per_microbatch)
-        counts = self._gather_floats(torch.tensor([float(len(micro_batches))]))
-        n_micro = int(counts.max())
+        micro_batches, n_micro = self._lockstep_micro_batches(rows)
         total = torch.zeros((), device=self.accelerator.device)
         if n_micro == 0:
-            # Every group of the step was filtered on every process: nothing to learn, skip the update.
-            self._skip_next_optimizer_step = True
+            # Every group of the micro-step was filtered on every process: nothing to learn from it.
             self._metrics[mode]["skipped_steps"].append(1.0)
             return total
+        self._step_has_gradient = True
         self._metrics[mode]["skipped_steps"].append(0.0)
         # Weights are global token means; DDP/FSDP average gradients over processes, so undo that average, and
         # spread a generation batch over the optimizer steps that consume it.
         scale = (
             self.accelerator.num_processes * self.args.steps_per_generation / self.current_gradient_accumulation_steps
         )
+        if self.is_fsdp_enabled and hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(True)  # FSDP2: reduce every micro-batch, inside a Trainer no_sync too
         for k in range(n_micro):
-            # Processes with fewer micro-batches run zero-weight ones so collective ops stay in lockstep.
             micro, factor = (micro_batches[k], 1.0) if k < len(micro_batches) else (self._dummy_rows(), 0.0)
-            sync = k == n_micro - 1 or self.accelerator.num_processes == 1
-            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
-            with context, self.compute_loss_context_manager():
+            with self._micro_batch_context(model, last=k == n_micro - 1), self.compute_loss_context_manager():
                 loss = self._micro_batch_loss(model, micro, mode, record=factor != 0.0) * (scale * factor)
                 self.accelerator.backward(loss)
             total = total + loss.detach()
         self._log_loss_metrics(mode)
         return total
+
+    def _needs_old_logps(self) -> bool:
+        """Whether rows are scored after an optimizer step moved the policy that sampled them (TRL's rule).
+
+        A generation serves ``steps_per_generation x num_iterations`` micro-steps; unless that divides the gradient
+        accumulation steps, some of them fall after an optimizer step, and the PPO ratio needs the sampling-time
+        log-probs.
+        """
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return self.args.gradient_accumulation_steps % generate_every != 0
 
     def _prepare_inputs(self, generation_batch: list[dict]) -> list[TrainingRow]:
         if not self.model.training:
@@ -625,6 +732,11 @@ class MemTrainer(GRPOTrainer):
         generate_every = self.args.steps_per_generation * self.num_iterations
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             rows = self._rollout_and_score(generation_batch)
+            if self._needs_old_logps():
+                # Old log-probs now, before any update; one gathered flag so every process takes the same branch.
+                missing = torch.tensor([float(any(row.old_logps is None for row in rows))])
+                if float(self._gather_floats(missing).max()) > 0:
+                    self._set_old_logps(rows)
             random.Random(self.args.seed + self._step).shuffle(rows)
             shards = self.args.steps_per_generation
             self._buffered_inputs = [rows[s::shards] for s in range(shards)]
@@ -632,13 +744,14 @@ class MemTrainer(GRPOTrainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         rows = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = sum(
-                (
-                    self._micro_batch_loss(model, micro, "eval")
-                    for micro in pack_micro_batches(rows, self.args.max_tokens_per_microbatch)
-                ),
-                torch.zeros((), device=self.accelerator.device),
-            )
+        micro_batches, n_micro = self._lockstep_micro_batches(rows)
+        loss = torch.zeros((), device=self.accelerator.device)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            for k in range(n_micro):
+                if k < len(micro_batches):
+                    loss = loss + self._micro_batch_loss(model, micro_batches[k], "eval")
+                else:  # the forward other processes are running, in lockstep
+                    self._micro_batch_loss(model, self._dummy_rows(), "eval", record=False)
         self._log_loss_metrics("eval")
-        return loss.detach(), None, None
+        # Row weights are global means, so each process holds its share; the Trainer averages the shares.
+        return (loss * self.accelerator.num_processes).detach(), None, None

@@ -1,0 +1,82 @@
+"""MemTrainer across 2 processes (torchrun, gloo, CPU): every path runs its collectives in lockstep.
+
+Each test runs tests/ddp_worker.py, whose processes read documents of different lengths (so they have different
+numbers of rows and micro-batches) and whose scoring forwards each run an all-reduce, as FSDP's do. A path that
+runs a different number of forwards per process hangs; the timeout turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+TESTS = Path(__file__).parent
+
+
+def run_workers(tokenizer_dir: Path, out: Path, mode: str, timeout: float = 240) -> list[dict]:
+    """Both processes' reports; a hang is killed (the whole process group) and fails the test."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(TESTS / "ddp_worker.py"), str(tokenizer_dir), str(out), mode]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"the 2-process {mode} run hung for {timeout:.0f} s:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def assert_same_values(mine: list[dict], theirs: list[dict]) -> None:
+    assert mine, "nothing was logged"
+    for a, b in zip(mine, theirs, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-9, nan_ok=True), key  # one gathered value
+
+
+def assert_lockstep(reports: list[dict], *paths: str) -> None:
+    """Same steps, same weights, same number of collective forwards on each path, though the rollouts differed."""
+    first, second = reports
+    assert all(r["world_size"] == 2 for r in reports)
+    assert first["global_step"] == second["global_step"]
+    assert first["generator_calls"] != second["generator_calls"]  # the ranks really did different work
+    assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-6)
+    for path in paths:
+        assert first["forwards"].get(path, 0) > 0, path
+    assert first["forwards"] == second["forwards"]
+
+
+def test_reused_rollouts_score_old_log_probs_in_lockstep(smollm2_tokenizer_dir, tmp_path):
+    """num_iterations 2: old log-probs at rollout time, the same number of forwards on both processes."""
+    reports = run_workers(smollm2_tokenizer_dir, tmp_path, "iterations")
+    assert_lockstep(reports, "old_logps", "train")
+    assert all(r["global_step"] == 2 for r in reports)
+    assert_same_values(reports[0]["logged"], reports[1]["logged"])
+    assert len(reports[0]["logged"]) == 1  # one rollout phase for the two updates
+
+
+def test_a_generation_split_over_steps_scores_in_lockstep(smollm2_tokenizer_dir, tmp_path):
+    """steps_per_generation 2 (gradient accumulation 1): the second step's rows need their sampling log-probs."""
+    reports = run_workers(smollm2_tokenizer_dir, tmp_path, "generation")
+    assert_lockstep(reports, "old_logps", "train")
+    assert all(r["global_step"] == 2 for r in reports)
+    assert_same_values(reports[0]["logged"], reports[1]["logged"])
+
+
+def test_evaluation_runs_its_forwards_in_lockstep(smollm2_tokenizer_dir, tmp_path):
+    reports = run_workers(smollm2_tokenizer_dir, tmp_path, "eval")
+    assert_lockstep(reports, "eval", "train")
+    assert "old_logps" not in reports[0]["forwards"]  # one update per rollout: no old log-probs needed
+    assert_same_values(reports[0]["eval_logged"], reports[1]["eval_logged"])
+    assert reports[0]["eval_logged"][0]["eval_rows_trained"] > 0
