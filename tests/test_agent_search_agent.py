@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from memtrain.agent.generation import GenerationOutput, SamplingConfig, TransformersGenerator
+from memtrain.agent.prompts import encode_chat
 from memtrain.agent.search_agent import (
     INITIAL_STATE,
     INVALID_ACTION,
     SearchAgent,
     SearchAgentConfig,
     action_end,
-    chat_prompt_ids,
     multi_exact_match,
     parse_turn,
     row_questions,
@@ -45,7 +45,7 @@ def build_chain_model(tokenizer, text: str, hidden_size: int = 64):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    header = chat_prompt_ids(tokenizer, "x")[-1]
+    header = encode_chat(tokenizer, "x")[-1]
     chain = [header] + list(tokenizer(text, add_special_tokens=False)["input_ids"])
     successor: dict[int, int] = {}
     for a, b in zip(chain, chain[1:]):
@@ -296,7 +296,7 @@ def test_real_smollm2_search_rollout(retriever):
     rows = [ROWS[0], ROWS[2]]
     trajectories = agent.rollout(rows, sampling=SamplingConfig(do_sample=False))
     assert 1 <= len(generator.calls) <= 3
-    empty_prompt = len(chat_prompt_ids(tokenizer, agent.render_prompt(["q"] * 2, "", "", final=False)))
+    empty_prompt = len(encode_chat(tokenizer, agent.render_prompt(["q"] * 2, "", "", final=False)))
     for t in trajectories:
         assert 1 <= len(t.calls) <= 3 and t.calls[-1].kind == "final"
         assert all(c.kind == "search" for c in t.calls[:-1])

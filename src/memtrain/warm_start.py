@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from memtrain.agent.memory_agent import MemoryAgent
-from memtrain.agent.prompts import TARGET_TOKEN
+from memtrain.agent.prompts import TARGET_TOKEN, render_chat
 from memtrain.agent.recall import EntityFinder, EntityMasker, touches_chunk_edge
 
 
@@ -45,9 +45,8 @@ _SENTINEL = "\u2063memtrain-reply\u2063"
 
 def _turn_end(tokenizer) -> str:
     """What the chat template writes after an assistant reply (e.g. ``<|im_end|>``), found with a sentinel reply."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False
-    )
+    chat = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}]
+    text = render_chat(tokenizer, chat, add_generation_prompt=False)
     if _SENTINEL not in text:
         raise ValueError("The chat template drops the assistant's reply, so replies cannot be trained on.")
     return text.split(_SENTINEL)[-1].rstrip()

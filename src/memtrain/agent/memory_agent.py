@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from memtrain.agent.chunking import ChunkedContext, cap_problem, chunk_context
 from memtrain.agent.generation import Generator, SamplingConfig
-from memtrain.agent.prompts import NO_MEMORY, PromptTemplates
+from memtrain.agent.prompts import NO_MEMORY, PromptTemplates, encode_chat, require_chat_template
 from memtrain.agent.trajectory import ModelCall, Trajectory
 
 
@@ -69,11 +69,7 @@ class MemoryAgent:
     """Reads long contexts chunk by chunk into a bounded, overwritten memory, then answers from the memory."""
 
     def __init__(self, tokenizer, generator: Generator, config: AgentConfig | None = None) -> None:
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                "The memory agent talks to the model in chat turns, but this tokenizer has no chat template. Use an "
-                "instruct model's tokenizer or set tokenizer.chat_template."
-            )
+        require_chat_template(tokenizer, "memory agent")
         self.tokenizer = tokenizer
         self.generator = generator
         self.config = config or AgentConfig()
@@ -81,10 +77,7 @@ class MemoryAgent:
 
     def encode_chat(self, user_text: str) -> list[int]:
         """Token ids of one user turn followed by the assistant header (the trainer builds recall prompts so)."""
-        encoded = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
+        return encode_chat(self.tokenizer, user_text)
 
     def chunk(self, context: str) -> ChunkedContext:
         return chunk_context(self.tokenizer, context, self.config.chunk_size, self.config.max_chunks)

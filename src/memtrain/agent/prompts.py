@@ -1,11 +1,17 @@
 """The memory agent's prompt templates (PAPER.md section 1), in one place so recipes can override them.
 
 Each template is a plain ``str.format`` string. Placeholders: ``{problem}``, ``{memory}``, ``{chunk}``.
+
+Also the one way a prompt becomes token ids (``encode_chat``): the memory agent, the search agent, the trainer's
+recall probes, the long-text QA closed-book filter, the warm start and evaluation all send the model exactly what
+this function makes, so a prompt trained on is the prompt evaluated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 
 NO_MEMORY = "No previous memory"
@@ -94,3 +100,39 @@ class PromptTemplates:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+Messages = str | Sequence[Mapping[str, str]]
+
+
+def _as_messages(messages: Messages) -> list[Mapping[str, str]]:
+    return [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+
+
+def require_chat_template(tokenizer: Any, who: str) -> None:
+    """Refuse a tokenizer without a chat template: the agents talk to the model in chat turns."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"The {who} talks to the model in chat turns, but this tokenizer has no chat template. Use an "
+            "instruct model's tokenizer or set tokenizer.chat_template."
+        )
+
+
+def render_chat(tokenizer: Any, messages: Messages, add_generation_prompt: bool = True) -> str:
+    """The chat as the tokenizer's template writes it; a plain string is one user turn.
+
+    ``add_generation_prompt`` appends the assistant header, so the model's reply is what comes next.
+    """
+    return tokenizer.apply_chat_template(
+        _as_messages(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+    )
+
+
+def encode_chat(tokenizer: Any, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of ``render_chat``: the template already writes its special tokens, so none are added again.
+
+    The same ids as ``apply_chat_template(..., tokenize=True)``; rendering first lets callers that need the text
+    (the warm start's end-of-turn marker) use the same path.
+    """
+    text = render_chat(tokenizer, messages, add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from memtrain.agent.generation import GenerationOutput, Generator, SamplingConfig
+from memtrain.agent.prompts import encode_chat, require_chat_template
 from memtrain.agent.trajectory import ModelCall, Trajectory
 
 
@@ -247,14 +248,6 @@ def truncate_to_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
     return ""
 
 
-def chat_prompt_ids(tokenizer: Any, content: str) -> list[int]:
-    """One user turn through the tokenizer's chat template, with the assistant header appended."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def action_end(tokenizer: Any, completion_ids: Sequence[int]) -> int | None:
     """Number of leading tokens whose text first contains a closing ``</search>``/``</answer>``, or None.
 
@@ -300,11 +293,7 @@ class SearchAgent:
     def __init__(
         self, tokenizer: Any, generator: Generator, retriever: Retriever, config: SearchAgentConfig | None = None
     ):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                "The search agent talks to the model in chat turns, but this tokenizer has no chat template. Use an "
-                "instruct model's tokenizer or set tokenizer.chat_template."
-            )
+        require_chat_template(tokenizer, "search agent")
         self.tokenizer = tokenizer
         self.generator = generator
         self.retriever = retriever
@@ -367,7 +356,7 @@ class SearchAgent:
             final = step == cfg.max_turns + 1
             samples = n if step == 1 else 1
             prompts = [
-                chat_prompt_ids(self.tokenizer, self.render_prompt(r.questions, r.state, r.information, final))
+                encode_chat(self.tokenizer, self.render_prompt(r.questions, r.state, r.information, final))
                 for r in active[::samples]
             ]
             seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + step) % (2**63)

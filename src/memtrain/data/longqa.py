@@ -297,12 +297,10 @@ def answered_without_context(completion: str, answers: Sequence[str]) -> bool:
 
 def closed_book_prompt_ids(tokenizer: Any, question: str, templates: Any = None) -> list[int]:
     """The memory agent's final prompt with "No previous memory": exactly what the agent sees with nothing read."""
-    from memtrain.agent.prompts import NO_MEMORY, PromptTemplates
+    from memtrain.agent.prompts import NO_MEMORY, PromptTemplates, encode_chat
 
     templates = templates if templates is not None else PromptTemplates()
-    messages = [{"role": "user", "content": templates.render_final(question, NO_MEMORY)}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return encode_chat(tokenizer, templates.render_final(question, NO_MEMORY))
 
 
 def filter_no_context(
