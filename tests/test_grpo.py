@@ -14,6 +14,8 @@ from memtrain.grpo import (
     collate_rows,
     group_advantages,
     pack_micro_batches,
+    sampling_logps_of,
+    vllm_importance_weights,
 )
 
 
@@ -154,3 +156,64 @@ def test_kl_term_is_the_k3_estimator():
     loss, kl = clipped_policy_loss(logps, logps, torch.tensor([0.0]), 0.2, 0.2, torch.tensor([[-0.1]]), beta=0.5)
     assert kl.item() == pytest.approx(math.exp(-0.1) + 0.1 - 1, rel=1e-5)
     assert loss.item() == pytest.approx(0.5 * kl.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- vLLM importance sampling
+# Two rows: log(pi_old / pi_vLLM) per token = [0.5, -0.2, -1.5] (sequence sum -1.2) and [0.1, 0.2, pad]
+# (sequence 0.3). exp: 1.64872, 0.81873, 0.22313 | 1.10517, 1.22140 | sequences exp(-1.2) = 0.30119, exp(0.3) = 1.34986.
+IS_OLD = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+IS_SAMPLING = torch.tensor([[-0.5, 0.2, 1.5], [-0.1, -0.2, 7.0]])  # 7.0 sits on padding: ignored
+IS_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        # clamp to [0.5, 1.5]
+        ("token_truncate", [[1.5, 0.81873, 0.5], [1.10517, 1.22140, 1.0]]),
+        # outside [0.5, 1.5] -> 0
+        ("token_mask", [[0.0, 0.81873, 0.0], [1.10517, 1.22140, 1.0]]),
+        ("sequence_truncate", [[0.5], [1.34986]]),
+        ("sequence_mask", [[0.0], [1.34986]]),
+    ],
+)
+def test_vllm_importance_weights_match_hand_computation(mode, expected):
+    weights = vllm_importance_weights(IS_OLD, IS_SAMPLING, IS_MASK, mode, clip_min=0.5, clip_max=1.5)
+    assert weights.tolist() == [pytest.approx(row, rel=1e-4) for row in expected]
+
+
+def test_vllm_importance_weights_open_bounds_and_missing_logprobs():
+    # TRL's default: clip_min None, clip_max 3.0. A NaN sampling log-prob (vLLM gave none) is no correction (ratio 1).
+    sampling = torch.tensor([[-2.0, math.nan]])
+    old, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    truncated = vllm_importance_weights(old, sampling, mask, "token_truncate", None, 3.0)
+    assert truncated.tolist() == [pytest.approx([3.0, 1.0])]
+    masked = vllm_importance_weights(old, sampling, mask, "token_mask", None, 3.0)
+    assert masked.tolist() == [pytest.approx([0.0, 1.0])]
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
+        vllm_importance_weights(old, sampling, mask, "token", None, 3.0)
+
+
+def test_importance_weights_scale_the_policy_term_not_the_kl():
+    # advantage 1, ratio 1: policy term -1; x IS weight 0.25 -> -0.25; + beta x k3(-0.1) unchanged.
+    logps = torch.tensor([[0.0]])
+    loss, kl = clipped_policy_loss(
+        logps, logps, torch.tensor([1.0]), 0.2, 0.2, torch.tensor([[-0.1]]), 0.5, torch.tensor([[0.25]])
+    )
+    assert loss.item() == pytest.approx(-0.25 + 0.5 * (math.exp(-0.1) + 0.1 - 1), rel=1e-5)
+
+
+def test_collate_carries_sampling_logprobs_with_nan_for_rows_without_them():
+    rows = [_row(1, 2, 0), _row(1, 3, 1)]
+    rows[0].sampling_logps = [-0.5, -1.0]
+    batch = collate_rows(rows, pad_token_id=0)
+    sampling = batch["sampling_per_token_logps"]
+    assert sampling[0, :2].tolist() == [-0.5, -1.0] and torch.isnan(sampling[0, 2])
+    assert torch.isnan(sampling[1]).all()
+    assert "sampling_per_token_logps" not in collate_rows([_row(1, 2, 0)], pad_token_id=0)
+
+
+def test_sampling_logps_of_a_call():
+    assert sampling_logps_of(None, 3) is None
+    values = sampling_logps_of([-0.1, None, -0.3, -0.4], 3)  # vLLM's None (NaN) kept as NaN; cut to the completion
+    assert values[0] == -0.1 and math.isnan(values[1]) and values[2] == -0.3 and len(values) == 3
