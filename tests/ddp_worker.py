@@ -36,7 +36,7 @@ EVAL_GATHERED = ("eval_loss", "eval_reward", "eval_rows_trained", "eval_entropy"
 
 MODES = {
     # mode: (paragraphs per document, in dataset order; config overrides)
-    "train": ([1, 6], {"log_completions": True, "num_completions_to_print": 2}),
+    "train": ([1, 6], {"log_completions": True, "num_completions_to_print": 2, "max_tokens_per_microbatch": 1}),
     "iterations": ([1, 6], {"num_iterations": 2, "max_tokens_per_microbatch": 1}),
     # a generation batch is 2 steps' rollouts: 4 documents, ranks 0 and 1 get two each (contiguous slices)
     "generation": ([1, 1, 6, 6], {"steps_per_generation": 2, "max_tokens_per_microbatch": 1}),

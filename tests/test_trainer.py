@@ -173,6 +173,22 @@ def test_ddp_processes_with_different_call_counts_stay_in_lockstep(smollm2_token
         for key in mine:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-9, nan_ok=True), key  # one gathered value
     assert reports[0]["logged"][0]["chunks/mean"] not in {1.0, None}  # rank 0 alone reads 1-chunk documents
+    # every scoring forward (each an all-reduce in the worker, as FSDP's gather) ran as often on both processes
+    assert reports[0]["forwards"] == reports[1]["forwards"]
+    # DDP all-reduces once per step, at the last micro-batch; under FSDP no micro-batch defers its reduction
+    for report in reports:
+        assert sum(report["syncs"]) == 2 and report["syncs"][-1] and len(report["syncs"]) > 2
+        assert report["ddp_no_sync"] and not report["fsdp_no_sync"]
+    # log_completions: rank 0 logs the rollouts of both processes, one table per step
+    tables = reports[0]["completions"]
+    assert len(tables) == 2 and "completions" not in reports[1]
+    for table in tables:
+        assert {"prompt", "completion", "memories", "answer_length_reward", "memory_recall", "advantage"} <= set(
+            table["columns"]
+        )
+        assert len(table["memories"]) == 4  # 2 processes x 2 rollouts
+        # rank 0's 1-paragraph documents are read in fewer chunks than rank 1's 6-paragraph ones
+        assert table["memories"][0].count("\n\n[") < table["memories"][-1].count("\n\n[")
 
 
 def test_search_agent_rollouts_train_one_row_per_turn(tiny_model, tokenizer, tmp_path):
@@ -295,6 +311,8 @@ def test_deepspeed_is_refused_before_the_model_loads(tiny_model, tokenizer, docu
     args = MemTrainConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_generations=2,
                           use_cpu=True, report_to="none")  # fmt: skip
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --config_file zero3.yaml` sets
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        MemTrainer.check_launcher()  # train.py's check, before the recipe is parsed
     with pytest.raises(ValueError, match=r"DeepSpeed.*fsdp\.yaml"):
         MemTrainer(model=tiny_model, args=args, agent_config=AGENT, train_dataset=documents, processing_class=tokenizer,
                    entity_tools=entity_tools(), reward_funcs=[answer_length_reward])  # fmt: skip

@@ -199,7 +199,7 @@ class MemTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ launchers
     @staticmethod
-    def check_launcher(args: Any, deepspeed_enabled: bool = False) -> None:
+    def check_launcher(args: Any = None, deepspeed_enabled: bool = False) -> None:
         """Refuse DeepSpeed (ZeRO-1/2/3) before anything loads: its engine steps the optimizer in synced backwards.
 
         A MemTrainer step runs one backward per micro-batch (hundreds for a long document), so under DeepSpeed one
