@@ -95,10 +95,77 @@ def test_folder_that_is_not_a_checkpoint_is_named(tmp_path):
         load_model_and_tokenizer(str(tmp_path))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+def test_4bit_loads_on_cpu_with_bitsandbytes_cpu_backend(tiny_dir):
+    bnb = pytest.importorskip("bitsandbytes")
+    model, _ = load_model_and_tokenizer(str(tiny_dir), load_in_4bit=True)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7 and all(m.weight.device.type == "cpu" for m in layers)  # q,k,v,o,gate,up,down
+    assert all(m.weight.quant_state.quant_type == "nf4" for m in layers)
+    assert model.config.quantization_config.bnb_4bit_compute_dtype == torch.float32  # "auto" on CPU
+    assert not any(p.requires_grad for p in model.parameters())  # prepared for k-bit training: base frozen
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
-def test_4bit_on_cpu_is_a_clear_error(tiny_dir):
-    with pytest.raises(RuntimeError, match=r"needs a CUDA GPU and bitsandbytes.*pip install memtrain\[quant\]"):
+def test_4bit_on_cpu_with_an_old_bitsandbytes_is_a_clear_error(tiny_dir, monkeypatch):
+    import importlib.metadata
+
+    pytest.importorskip("bitsandbytes")
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "0.45.5" if name == "bitsandbytes" else real_version(name)
+    )  # an installed bitsandbytes without the CPU backend
+    with pytest.raises(
+        RuntimeError, match=r"without a CUDA GPU needs bitsandbytes >= 0.50.*0.45.5.*load_in_4bit: false"
+    ):
         load_model_and_tokenizer(str(tiny_dir), load_in_4bit=True)
+
+
+def test_4bit_without_bitsandbytes_is_a_clear_error(tiny_dir, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )  # bitsandbytes not installed
+    with pytest.raises(ImportError, match=r"needs bitsandbytes: `pip install memtrain\[quant\]`"):
+        load_model_and_tokenizer(str(tiny_dir), load_in_4bit=True)
+
+
+def test_upcast_trainable_params_gives_adam_fp32_masters(tokenizer):
+    """bf16 masters (what TRL leaves on a quantized base) lose lr-1e-5 Adam steps; upcast ones keep them."""
+    from peft import LoraConfig, get_peft_model
+
+    from memtrain.models import upcast_trainable_params
+
+    def moved_share_of_lora_a(model) -> float:
+        lora_a = [p for n, p in model.named_parameters() if "lora_A" in n]
+        before = [p.detach().clone() for p in lora_a]
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        torch.manual_seed(0)
+        for _ in range(2):  # step 1 moves B off zero, step 2 gives A a gradient
+            model(
+                input_ids=torch.tensor([[1, 5, 9, 33, 200, 7]]), labels=torch.tensor([[1, 5, 9, 33, 200, 7]])
+            ).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        changed = sum(int((p != b).sum()) for p, b in zip(lora_a, before))
+        return changed / sum(p.numel() for p in lora_a)
+
+    shares = []
+    for upcast in (False, True):
+        model = get_peft_model(build_tiny_model(tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)  # what TRL does to a quantized model's trainable params
+        if upcast:
+            assert upcast_trainable_params(model) == 2 * 2 * 2  # A and B of q_proj and v_proj in 2 layers
+            assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        shares.append(moved_share_of_lora_a(model))
+    assert shares[0] < 0.5 and shares[1] > 0.95, shares
 
 
 # ---------------------------------------------------------------- PEFT adapters
@@ -405,3 +472,4 @@ def test_packaged_smollm2_real_conversion(tmp_path, monkeypatch):
     assert tokenizer.encode(TEXT) == direct_tokenizer.encode(TEXT)
     assert torch.allclose(logits(model, tokenizer), logits(direct, direct_tokenizer), atol=1e-5)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+

@@ -9,9 +9,9 @@ Sources, tried in this order:
 * a local directory holding a model, or a PEFT adapter (``adapter_config.json``) that is put on its base model;
 * a Hub id: a model repo, or an adapter repo whose base is resolved through this same function.
 
-QLoRA (bitsandbytes NF4 + ``prepare_model_for_kbit_training``) is only attempted on CUDA; on CPU it fails early
-with the fix instead of a deep bitsandbytes traceback. A source that cannot be loaded yields ONE error listing
-every source tried and why each failed.
+QLoRA (bitsandbytes NF4 + ``prepare_model_for_kbit_training``) runs on CUDA, and on CPU with bitsandbytes >= 0.50
+(its CPU backend); elsewhere it fails early with the fix instead of a deep bitsandbytes traceback. A source that
+cannot be loaded yields ONE error listing every source tried and why each failed.
 """
 
 from __future__ import annotations
@@ -48,11 +48,13 @@ __all__ = [
     "load_model_and_tokenizer",
     "model_cache_dir",
     "resolve_model_path",
+    "upcast_trainable_params",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
 # Written last inside the temporary folder: a cache folder without it was not produced by a finished conversion.
 CONVERSION_MARKER = "memtrain_conversion.json"
+MIN_BNB_CPU = "0.50"  # first bitsandbytes with a CPU backend for NF4 Linear4bit (forward, backward, PEFT LoRA)
 
 
 @dataclass(frozen=True)
@@ -196,27 +198,37 @@ def get_quantization_config(
     use_bnb_nested_quant: bool = False,
     compute_dtype: str | torch.dtype | None = "auto",
 ) -> BitsAndBytesConfig | None:
-    """NF4 ``BitsAndBytesConfig`` for QLoRA, after checking it can work here (CUDA + bitsandbytes).
+    """NF4 ``BitsAndBytesConfig`` for QLoRA, after checking it can work here (bitsandbytes; CUDA, or its CPU backend).
 
     TRL's ``get_quantization_config`` passes ``ModelConfig.dtype`` through as the compute dtype, which breaks on
-    ``"auto"``; here ``"auto"`` means bfloat16 where the GPU supports it, else float16.
+    ``"auto"``; here ``"auto"`` means bfloat16 where the GPU supports it, else float16, and float32 on CPU.
     """
     if not load_in_4bit:
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes, and no CUDA device is visible here. "
-            "Fix: run on a CUDA machine with `pip install memtrain[quant]`, or set load_in_4bit: false "
-            "(full or LoRA fine-tuning in 16/32-bit)."
-        )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("load_in_4bit (QLoRA) needs bitsandbytes: `pip install memtrain[quant]`.")
+        raise ImportError(
+            "load_in_4bit (QLoRA) needs bitsandbytes: `pip install memtrain[quant]`, or set load_in_4bit: false"
+        )
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        from importlib.metadata import version
+
+        from packaging.version import Version
+
+        found = version("bitsandbytes")
+        if Version(found) < Version(MIN_BNB_CPU):
+            raise RuntimeError(
+                f"load_in_4bit (QLoRA) without a CUDA GPU needs bitsandbytes >= {MIN_BNB_CPU} (its CPU backend); "
+                f"bitsandbytes {found} is installed. Fix: `pip install memtrain[quant]` (bitsandbytes>="
+                f"{MIN_BNB_CPU}), run on a CUDA machine, or set load_in_4bit: false (16/32-bit LoRA or full "
+                "fine-tuning)."
+            )
     resolved = _resolve_dtype(compute_dtype)
     if resolved in (None, "auto"):
-        resolved = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        resolved = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=bnb_4bit_quant_type,
@@ -270,8 +282,8 @@ def load_model_and_tokenizer(
 
     ``peft_config`` wraps the loaded model in a new PEFT adapter (pass it here OR to the trainer, not both); a
     published adapter is loaded onto its base, trainable when ``adapter_is_trainable``. ``load_in_4bit`` loads the
-    base in NF4 and prepares it for k-bit training (QLoRA; CUDA only). ``gradient_checkpointing`` only applies to
-    that preparation.
+    base in NF4 and prepares it for k-bit training (QLoRA; CUDA, or CPU with bitsandbytes >= 0.50).
+    ``gradient_checkpointing`` only applies to that preparation.
     """
     quantization_config = None
     if load_in_4bit:
@@ -279,9 +291,11 @@ def load_model_and_tokenizer(
             bnb_4bit_quant_type=bnb_4bit_quant_type, use_bnb_nested_quant=use_bnb_nested_quant, compute_dtype=dtype
         )
         if device_map is None:
+            import torch
             from accelerate import PartialState
 
-            device_map = {"": PartialState().local_process_index}  # one full copy per process (DDP-style)
+            # one full copy per process (DDP-style); the CPU when no GPU is there (an int means cuda:<int>)
+            device_map = {"": PartialState().local_process_index if torch.cuda.is_available() else "cpu"}
     common = {
         "revision": revision,
         "trust_remote_code": trust_remote_code,
@@ -324,9 +338,32 @@ def load_model_and_tokenizer(
 
 
 def _prepare_kbit(model: PreTrainedModel, gradient_checkpointing: bool) -> None:
+    """PEFT's k-bit preparation: freezes the base, casts its non-quantized weights (embeddings, norms, head) to fp32.
+
+    The fp32 norms make the residual stream fp32 (the norm's fp32 weight times its bf16 output), which is what the
+    memory estimates in recipes/README.md count.
+    """
     from peft import prepare_model_for_kbit_training
 
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
+def upcast_trainable_params(model: torch.nn.Module) -> int:
+    """Cast trainable bf16/fp16 parameters back to fp32 (Adam masters); returns how many were cast.
+
+    TRL's GRPOTrainer casts every trainable parameter of a quantized (QLoRA) model to bf16, even with ``bf16: false``.
+    Adam then updates bf16 weights: a step of ~lr is rounded away wherever |w| > ~256 x lr, so at lr 1e-5 most of
+    ``lora_A`` (init ~U(+-1/sqrt(hidden)) = +-0.017 at hidden 3584) never moves. Call after the trainer is built and
+    before the optimizer is (``train()`` builds it).
+    """
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            cast += 1
+    return cast
 
 
 def _load_any(
