@@ -154,8 +154,9 @@ def recall_candidate_audit(rows, tokenizer, extractor, chunk_size: int) -> dict:
 def audit(source: str, label: str, args) -> dict:
     """Build documents from one corpus and report leaks, guard drops and recall-candidate rejections."""
     from memtrain.data.corpus import load_corpus
-    from memtrain.data.documents import DocumentBuilderConfig, build_documents, load_tokenizer
+    from memtrain.data.documents import DocumentBuilderConfig, build_documents
     from memtrain.data.entities import EntityExtractor
+    from memtrain.models import load_tokenizer
 
     corpus = load_corpus(source)
     tokenizer = load_tokenizer("smollm2-135m")
@@ -219,8 +220,9 @@ def synthetic_corpus(paragraphs, size: int, seed: int = 0) -> list[str]:
 
 
 def run_method(method: str, num_documents: int, embedding_model: str) -> dict:
-    from memtrain.data.documents import DocumentBuilderConfig, build_documents, load_tokenizer
+    from memtrain.data.documents import DocumentBuilderConfig, build_documents
     from memtrain.data.entities import EntityExtractor
+    from memtrain.models import load_tokenizer
 
     corpus = _corpus()
     tokenizer = load_tokenizer("smollm2-135m")

@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="query batches of 64 for the retrieval timing")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
-    from memtrain.data.documents import load_tokenizer
+    from memtrain.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     bench_longqa(args.questions, tokenizer)

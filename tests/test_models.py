@@ -473,3 +473,21 @@ def test_packaged_smollm2_real_conversion(tmp_path, monkeypatch):
     assert torch.allclose(logits(model, tokenizer), logits(direct, direct_tokenizer), atol=1e-5)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
 
+
+def test_load_tokenizer_reads_a_packaged_gguf_without_converting_the_model(packaged_tiny, tmp_path, tiny_gguf):
+    from transformers import AutoTokenizer
+
+    from memtrain.models import load_tokenizer, packaged_model_name
+
+    assert packaged_model_name("Tiny-Test-Instruct") == "tiny-test" and packaged_model_name("some/hub-id") is None
+    reference = AutoTokenizer.from_pretrained(str(tiny_gguf[0].parent), gguf_file=tiny_gguf[0].name)
+    text = "The cat sat on Lyon's river bank."
+    assert load_tokenizer("tiny-test-instruct").encode(text) == reference.encode(text)
+    assert not (tmp_path / "cache" / "models" / "tiny-test").exists()  # tokens only: no dequantized weights written
+    (packaged_tiny / "tiny.gguf").unlink()
+    with pytest.raises(FileNotFoundError, match="tiny.gguf"):
+        load_tokenizer("tiny-test")
+    with pytest.raises(
+        OSError, match=r"Could not load the tokenizer 'no/such-tokenizer'.*packaged name \(.*tiny-test"
+    ):
+        load_tokenizer("no/such-tokenizer")

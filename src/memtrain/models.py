@@ -46,7 +46,9 @@ __all__ = [
     "get_quantization_config",
     "load_from_model_config",
     "load_model_and_tokenizer",
+    "load_tokenizer",
     "model_cache_dir",
+    "packaged_model_name",
     "resolve_model_path",
     "upcast_trainable_params",
 ]
@@ -112,6 +114,38 @@ def _packaged_names() -> dict[str, str]:
     return names
 
 
+def packaged_model_name(name_or_path: str) -> str | None:
+    """The canonical packaged name (``smollm2-135m``) that ``name_or_path`` or one of its aliases names, else None.
+
+    The one place a short name is recognised: it looks like a Hub id but is not one (the model card keeps it out of
+    its metadata), and it loads from a GGUF shipped in a pip package.
+    """
+    return _packaged_names().get(name_or_path.lower())
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """A tokenizer alone, from a packaged name, a ``.gguf`` file, a local folder or a Hub id.
+
+    A packaged name reads the tokenizer straight from its GGUF (no dequantized model is written): building data
+    needs token counts, not weights. Padding is left as the tokenizer ships it.
+    """
+    from transformers import AutoTokenizer
+
+    canonical = packaged_model_name(name_or_path)
+    path = PACKAGED_MODELS[canonical].gguf_path() if canonical else Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer_name_or_path {path} does not exist.")
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:
+        raise OSError(
+            f"Could not load the tokenizer {name_or_path!r}: {_first_line(err)} Give a local folder, a .gguf file, a packaged "
+            f"name ({', '.join(sorted(_packaged_names()))}) or a Hub id available offline in the cache."
+        ) from err
+
+
 def model_cache_dir() -> Path:
     """Where packaged models are converted: ``$MEMTRAIN_CACHE/models`` (default ``~/.cache/memtrain/models``)."""
     root = os.environ.get("MEMTRAIN_CACHE") or Path.home() / ".cache" / "memtrain"
@@ -174,7 +208,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
     Lets vLLM, ``trl vllm-serve`` or the trainer take a plain checkpoint folder for ``smollm2-135m``.
     """
-    canonical = _packaged_names().get(name_or_path.lower())
+    canonical = packaged_model_name(name_or_path)
     if canonical is None:
         return name_or_path
     return str(_convert_packaged(canonical))
@@ -373,7 +407,7 @@ def _load_any(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     attempts: list[tuple[str, str]] = []
-    canonical = _packaged_names().get(name_or_path.lower())
+    canonical = packaged_model_name(name_or_path)
     if canonical is not None:
         try:
             name_or_path = str(_convert_packaged(canonical))

@@ -191,31 +191,6 @@ class BuildResult:
     stats: BuildStats
 
 
-def load_tokenizer(name_or_path: str) -> Any:
-    """A tokenizer from a Hub id, a folder, a GGUF file, or a packaged model name (``smollm2-135m``: its GGUF)."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from memtrain.models import PACKAGED_MODELS
-
-    packaged = {alias: m for m in PACKAGED_MODELS.values() for alias in m.aliases}
-    packaged.update(PACKAGED_MODELS)
-    if name_or_path.lower() in packaged:
-        path = packaged[name_or_path.lower()].gguf_path()
-    else:
-        path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer_name_or_path {path} does not exist.")
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as err:
-        raise OSError(f"Could not load the tokenizer {name_or_path!r}: {err}. Give a local folder, a .gguf file, "
-                      "a packaged name (smollm2-135m) or a Hub id available offline in the cache.") from err  # fmt: skip
-
-
 class TokenCounter:
     """Token length of rendered documents without re-tokenizing every ~30k-token document.
 
@@ -275,6 +250,8 @@ class DocumentBuilder:
         self._index = index
         self.tokenizer = tokenizer
         if tokenizer is None and config.tokenizer_name_or_path:
+            from memtrain.models import load_tokenizer
+
             self.tokenizer = load_tokenizer(config.tokenizer_name_or_path)
         self._counter: TokenCounter | None = None
 
