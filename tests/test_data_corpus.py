@@ -169,3 +169,53 @@ def test_limit_streams_the_first_paragraphs_in_order_and_stops_reading(tmp_path)
     )
     assert recipe["streaming"] is True and recipe["corpus_limit"] == 300_000
     assert recipe.get("filter_paragraphs", True) is True  # and only entity-bearing paragraphs are kept
+
+
+LYON = (
+    "Lyon is the third-largest city of France, at the confluence of the rivers Rhone and Saone, and was\n"
+    "founded by the Romans as Lugdunum in 43 BC."
+)
+SAONE = (
+    "The Saone rises at Vioménil in the Vosges and flows south for 473 kilometres before it joins the Rhone at Lyon."
+)
+
+
+def test_plain_text_files_are_articles_of_blank_line_paragraphs(tmp_path):
+    (tmp_path / "Lyon.txt").write_text(f"Lyon\n\n{LYON}\n\n\n{SAONE}\n\nshort line\n", encoding="utf-8")
+    result = load_corpus(str(tmp_path / "Lyon.txt"))
+    assert result.stats.format == "txt" and result.stats.too_short == 1  # the title heading is dropped, not counted
+    assert [p["text"] for p in result] == [" ".join(LYON.split()), SAONE]  # wrapped lines joined by one space
+    assert [p["title"] for p in result] == ["Lyon", "Lyon"] and [p["id"] for p in result] == ["Lyon_0", "Lyon_1"]
+
+    folder = tmp_path / "articles"
+    (folder / "rivers").mkdir(parents=True)
+    (folder / "rivers" / "Saone.txt").write_text(SAONE + "\n", encoding="utf-8")
+    with gzip.open(folder / "Lyon.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write(LYON)
+    loaded = load_corpus(str(folder))
+    assert loaded.stats.format == "txt" and loaded.stats.rows == 2
+    assert [(p["id"], p["title"]) for p in loaded] == [("Lyon", "Lyon"), ("rivers/Saone", "Saone")]
+
+
+def test_strip_html_keeps_the_visible_text_of_web_pages(tmp_path):
+    page = (
+        "<html><head><title>Sa&ocirc;ne</title><style>p { color: red }</style></head><body>"
+        "<script>var saone = 'not text';</script><h1>Sa&ocirc;ne</h1>"
+        "<p>The <b>Sa&ocirc;ne</b> rises at Viom&eacute;nil in the Vosges and flows south for 473 kilometres "
+        "before it joins the Rhone at Lyon.</p><!-- a comment --><ul><li>The river is navigable from Corre to "
+        "Lyon &amp; carries barges of grain and wine.</li></ul></body></html>"
+    )
+    rows = tmp_path / "nq.jsonl"
+    rows.write_text(json.dumps({"title": "<b>Sa&ocirc;ne</b>", "document_html": page}) + "\n", encoding="utf-8")
+    result = load_corpus(str(rows), text_column="document_html", strip_html=True, min_words=5)
+    assert [p["text"] for p in result] == [
+        SAONE.replace("Saone rises", "Saône rises"),
+        "The river is navigable from Corre to Lyon & carries barges of grain and wine.",
+    ]
+    assert {p["title"] for p in result} == {"Saône"}
+    plain = load_corpus(str(rows), text_column="document_html", min_words=5)
+    assert any("<p>" in p["text"] for p in plain)  # without the option the markup stays
+    (tmp_path / "page.txt").write_text(page, encoding="utf-8")
+    assert [p["text"] for p in load_corpus(str(tmp_path / "page.txt"), strip_html=True, min_words=5)] == [
+        p["text"] for p in result
+    ]

@@ -6,6 +6,8 @@ MemTrain needs nothing but paragraphs (PAPER.md section 2). Users point this loa
   folder ``load_dataset`` can read, or a folder written by ``Dataset.save_to_disk``;
 * local files, optionally gzip-compressed (``.gz``): a JSON list of records, JSON lines, parquet, TSV/CSV (with or
   without a header line), or a HotpotQA-style JSON dict ``title -> [sentences]``;
+* plain text: a ``.txt`` file, or a folder of them, is one article per file (its title is the file name without
+  ``.txt``), paragraphs separated by blank lines; the lines of a paragraph are joined (wrapped text);
 * the shipped Wikipedia sample, ``builtin:wiki-sample``.
 
 Record shapes are recognised from their columns: ``{title, text}`` passages, FlashRAG/DPR ``contents`` rows whose
@@ -15,6 +17,10 @@ a list of paragraphs (KILT) or one string with newline-separated paragraphs (``w
 Every text is split into paragraphs at newlines, whitespace is collapsed, paragraphs above ``max_words`` are split
 at sentence boundaries, and paragraphs under ``min_words`` (headings, list items), empty rows and case-insensitive
 duplicates are dropped. What was dropped is counted in :class:`CorpusStats`.
+
+``strip_html=True`` reads web / Natural Questions style pages: tags are removed (block tags such as ``<p>``, ``<li>``,
+``<h2>``, ``<br>`` end a paragraph), ``<script>``/``<style>`` contents are dropped and entities are unescaped, in
+texts and titles, before the paragraphs are split.
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 
 logger = logging.getLogger(__name__)
 
-FILE_FORMATS = ("json", "jsonl", "parquet", "tsv", "csv", "hotpotqa")
+FILE_FORMATS = ("json", "jsonl", "parquet", "tsv", "csv", "hotpotqa", "txt")
 FORMATS = FILE_FORMATS + ("hf", "disk")
 BUILTIN_CORPORA = {"wiki-sample": "wiki_sample_2wikimultihopqa.jsonl.gz"}
 BUILTIN_PREFIX = "builtin:"
@@ -45,7 +52,7 @@ TITLE_COLUMNS = ("title", "wikipedia_title", "page_title")
 ID_COLUMNS = ("id", "_id", "wikipedia_id", "doc_id", "pid", "idx")
 
 _SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".tsv": "tsv"}
-_SUFFIX_FORMATS[".csv"] = "csv"
+_SUFFIX_FORMATS.update({".csv": "csv", ".txt": "txt"})
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TITLE_TEXT = re.compile(r"^\s*Title:\s*(.*?)\s+Text:\s*(.*)$", re.DOTALL)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -134,12 +141,14 @@ def load_corpus(
     max_words: int = 400,
     limit: int | None = None,
     show_progress: bool = False,
+    strip_html: bool = False,
 ) -> CorpusLoadResult:
     """Load ``source`` as de-duplicated paragraphs ``{id, title, text}`` with word counts in [min_words, max_words].
 
     ``format`` is detected from the file suffix and content when not given (one of :data:`FORMATS`). ``split``,
     ``config`` and ``streaming`` apply to Hugging Face datasets. ``limit`` stops after that many kept paragraphs
-    (useful with streaming). Column names are guessed from common spellings unless given.
+    (useful with streaming). Column names are guessed from common spellings unless given. ``strip_html`` turns
+    HTML pages into their text first (see the module docstring).
     """
     if min_words < 1 or max_words < min_words:
         raise CorpusError(f"Need 1 <= min_words <= max_words, got min_words={min_words}, max_words={max_words}.")
@@ -159,7 +168,7 @@ def load_corpus(
     seen_ids: set[str] = set()
     for row_index, row in rows:
         stats.rows += 1
-        title, pieces, base_id = _normalise_row(row, row_index, fmt, columns, source)
+        title, pieces, base_id = _normalise_row(row, row_index, fmt, columns, source, strip_html)
         stats.text_column, stats.title_column, stats.id_column = columns.text, columns.title, columns.id
         split_pieces: list[str] = []
         for piece in pieces:
@@ -208,6 +217,8 @@ def _detect(source: str, format: str | None) -> tuple[Path | None, str]:
         if format is not None:
             return path, format
         is_saved = (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+        if not is_saved and _text_files(path) and not any(_is_data_file(f) for f in path.rglob("*")):
+            return path, "txt"  # a folder of plain-text articles
         return path, "disk" if is_saved else "hf"
     if path.is_file():
         if format is not None:
@@ -219,7 +230,7 @@ def _detect(source: str, format: str | None) -> tuple[Path | None, str]:
         if suffix not in _SUFFIX_FORMATS:
             raise CorpusError(
                 f"Cannot tell the format of {path} from its suffix {suffix or '(none)'}; pass format= one of "
-                f"{', '.join(FILE_FORMATS)} (or name the file .json/.jsonl/.parquet/.tsv/.csv, optionally .gz)."
+                f"{', '.join(FILE_FORMATS)} (or name the file .json/.jsonl/.parquet/.tsv/.csv/.txt, optionally .gz)."
             )
         return path, _SUFFIX_FORMATS[suffix]
     if format == "hf" or (format is None and _HUB_ID.match(source) and not Path(source).suffix):
@@ -251,6 +262,8 @@ def _iter_rows(
         yield from _read_json(path, fmt)
     elif fmt in ("tsv", "csv"):
         yield from _read_delimited(path, "\t" if fmt == "tsv" else ",")
+    elif fmt == "txt":
+        yield from _read_text_files(path)
     else:  # pragma: no cover - _detect validates
         raise CorpusError(f"Unknown format {fmt!r}.")
 
@@ -359,13 +372,91 @@ def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str,
             row_index += 1
 
 
+def _is_data_file(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return path.is_file() and Path(name).suffix in _SUFFIX_FORMATS and not name.endswith(".txt")
+
+
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.name.lower().endswith((".txt", ".txt.gz")))
+
+
+def _read_text_files(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """One row per ``.txt`` file (a folder: every ``.txt`` below it, sorted): its title is the file's name."""
+    files = _text_files(path) if path.is_dir() else [path]
+    if not files:
+        raise CorpusError(f"{path} holds no .txt files; pass a .txt file or a folder of them.")
+    for index, file in enumerate(files):
+        with _open_text(file) as handle:
+            text = handle.read()
+        title = file.name[: -len(".txt.gz")] if file.name.lower().endswith(".txt.gz") else file.stem
+        relative = file.relative_to(path) if path.is_dir() else Path(file.name)
+        yield index, {"id": str(relative.with_name(title)), "title": title, "__blocks__": text}
+
+
+_BLOCK_TAGS = frozenset(
+    "address article aside blockquote br dd div dl dt figcaption figure footer form h1 h2 h3 h4 h5 h6 header hr li "
+    "main nav ol p pre section table tbody thead tr ul title".split()
+)
+_SKIPPED_TAGS = frozenset({"script", "style", "noscript", "template", "head"})
+
+
+class _HTMLText(HTMLParser):
+    """The visible text of an HTML page, a blank line at every block boundary."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _SKIPPED_TAGS and tag != "head":
+            self.skipping += 1
+        elif tag in _BLOCK_TAGS:
+            self.parts.append("\n\n")
+        elif tag in ("td", "th"):
+            self.parts.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIPPED_TAGS and tag != "head":
+            self.skipping = max(0, self.skipping - 1)
+        elif tag in _BLOCK_TAGS:
+            self.parts.append("\n\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def strip_html(text: str) -> str:
+    """Plain text of an HTML page or fragment: paragraphs (one a line) from its blocks, markup and scripts gone."""
+    parser = _HTMLText()
+    parser.feed(text)
+    parser.close()
+    blocks = (" ".join(block.split()) for block in re.split(r"\n\s*\n", "".join(parser.parts)))
+    return "\n".join(block for block in blocks if block)
+
+
+def _strip_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return strip_html(value)
+    if isinstance(value, list):
+        return [strip_html(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
+def _blocks(text: str) -> list[str]:
+    """Paragraphs of a plain-text file: blank-line separated blocks, each block's lines joined by a space."""
+    return [" ".join(block.split()) for block in re.split(r"\n\s*\n", text.replace("\r\n", "\n")) if block.strip()]
+
+
 def _pick(keys: Iterable[str], candidates: tuple[str, ...]) -> str | None:
     lowered = {k.lower(): k for k in keys}
     return next((lowered[c] for c in candidates if c in lowered), None)
 
 
 def _resolve_columns(row: dict[str, Any], columns: _Columns, source: str, row_index: int) -> None:
-    keys = [k for k in row if k != "__sentences__"]
+    keys = [k for k in row if k not in ("__sentences__", "__blocks__")]
     for kind, candidates in (("text", TEXT_COLUMNS), ("title", TITLE_COLUMNS), ("id", ID_COLUMNS)):
         wanted = columns.explicit.get(kind)
         if wanted is not None:
@@ -377,7 +468,7 @@ def _resolve_columns(row: dict[str, Any], columns: _Columns, source: str, row_in
             setattr(columns, kind, wanted)
         else:
             setattr(columns, kind, _pick(keys, candidates))
-    if columns.text is None and "__sentences__" not in row:
+    if columns.text is None and "__sentences__" not in row and "__blocks__" not in row:
         raise CorpusError(
             f"{source}, row {row_index}: no text column found among {keys} (looked for {', '.join(TEXT_COLUMNS)}). "
             "Pass text_column= naming the column that holds the paragraph text."
@@ -412,20 +503,32 @@ def _paragraphs_of(value: Any) -> list[str]:
     return out
 
 
-def _normalise_row(row: Any, row_index: int, fmt: str, columns: _Columns, source: str) -> tuple[str, list[str], str]:
+def _normalise_row(
+    row: Any, row_index: int, fmt: str, columns: _Columns, source: str, strip: bool = False
+) -> tuple[str, list[str], str]:
     if not isinstance(row, dict):
         raise CorpusError(f"{source}, row {row_index}: expected a record (JSON object), got {type(row).__name__}.")
     if not columns.resolved:
         _resolve_columns(row, columns, source, row_index)
     title = row.get(columns.title) if columns.title else None
     title = str(title).strip() if title is not None else ""
+    if strip:
+        title = " ".join(strip_html(title).split())
+    if "__blocks__" in row:  # a plain-text file: blank lines separate paragraphs (HTML: its blocks do)
+        text = row["__blocks__"]
+        pieces = [p for p in strip_html(text).split("\n") if p] if strip else _blocks(text)
+        if pieces and title and pieces[0].casefold() == title.casefold():
+            pieces = pieces[1:]  # a heading that repeats the file's title
+        return title, pieces, str(row["id"])
     raw_id = row.get(columns.id) if columns.id else None
     base_id = str(raw_id) if raw_id not in (None, "") else (title or f"row{row_index}")
     if "__sentences__" in row:
         value = row["__sentences__"]
         text = _join_sentences(value) if isinstance(value, list) else value
-        return title, _paragraphs_of(text), base_id
+        return title, _paragraphs_of(_strip_value(text) if strip else text), base_id
     value = row.get(columns.text)
+    if strip:
+        value = _strip_value(value)
     if isinstance(value, str) and not title:
         value, title = _split_embedded_title(value, columns.text or "")
         if raw_id in (None, "") and title:
