@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,55 @@ def test_script_writes_a_loadable_dataset(tmp_path):
     )  # fmt: skip
     dataset = load_training_dataset(str(out), task="search")
     assert len(dataset) == 4 and dataset[0]["context"] == "" and len(dataset[0]["questions"]) == 2
+
+
+def test_build_writes_parquet_and_a_card_that_load_dataset_reads(tmp_path, capsys):
+    from datasets import load_dataset
+
+    from memtrain.data.searchqa import main
+
+    out = tmp_path / f"searchqa-{uuid.uuid4().hex[:8]}"  # load_dataset's cache goes by the folder's name
+    argv = ["--questions", str(FIXTURES / "search" / "nq_test_17.jsonl"), str(FIXTURES / "longqa" / "hotpotqa_train_12.json"),
+            "--num_rows", "5", "--seed", "2", "--output_dir", str(out)]  # fmt: skip
+    main(argv)
+    assert (out / "data" / "train-00000-of-00001.parquet").is_file() and (out / "build_stats.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "path: data/train-00000-of-00001.parquet" in card and "Rows: 5. Seed 2." in card
+    loaded = load_dataset(str(out), split="train")  # the card's configs point at the parquet, not dataset/
+    assert len(loaded) == 5 and loaded[0]["sources"] == ["nq_test_17", "hotpotqa_train_12"]
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir true"):
+        main(argv)
+    main([*argv[:-4], "--num_rows", "3", "--output_dir", str(out), "--overwrite_output_dir", "true"])
+    # load_dataset caches a rebuilt folder by its name (it would still see 5 rows); training reads dataset/
+    from memtrain.train import load_training_dataset
+
+    assert len(load_training_dataset(str(out), task="search")) == 3
+
+
+def test_settings_come_from_a_yaml_file_and_help_lists_every_key(tmp_path, capsys):
+    import yaml
+
+    from memtrain.data.searchqa import main
+
+    recipe = tmp_path / "searchqa.yaml"
+    recipe.write_text(yaml.safe_dump({"questions": [str(FIXTURES / "search" / "nq_test_17.jsonl")], "num_rows": 2,
+                                      "output_dir": str(tmp_path / "from-yaml")}))  # fmt: skip
+    out = main([str(recipe), "--num_rows", "4"])  # the command line wins over the file
+    assert json.loads((out / "build_stats.json").read_text())["rows"] == 4
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for key in (
+        "questions",
+        "num_rows",
+        "seed",
+        "output_dir",
+        "overwrite_output_dir",
+        "push_to_hub",
+        "hub_dataset_id",
+    ):
+        assert f"--{key}" in text, key
+    assert "(default: outputs/data/searchqa)" in text
+    with pytest.raises(ValueError, match="Give the question files"):
+        main(["--num_rows", "2", "--output_dir", str(tmp_path / "none")])

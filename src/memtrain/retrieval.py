@@ -16,16 +16,16 @@ idempotent), never a 4xx, and splits large batches under the server's per-reques
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import logging
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -397,35 +397,62 @@ class RemoteRetriever:
             return json.loads(response.read())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Serve a corpus: ``python scripts/serve_retriever.py --corpus wiki.jsonl --port 8000``."""
-    parser = argparse.ArgumentParser(description="Serve a passage corpus for the search agent (POST /retrieve).")
-    parser.add_argument("--corpus", required=True, help="FlashRAG/DPR contents jsonl, or any load_corpus source")
-    parser.add_argument("--format", default=None, help="corpus format for load_corpus (default: guessed)")
-    parser.add_argument("--method", default="bm25", choices=["bm25", "dense"])
-    parser.add_argument("--embedding_model", default=None, help="sentence-transformers model for --method dense")
-    parser.add_argument("--limit", type=int, default=None, help="read only the first N passages")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--topk", type=int, default=3, help="default top-k when a request gives none")
-    parser.add_argument("--max_queries", type=int, default=MAX_QUERIES, help="queries per request (more: 413)")
-    parser.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES, help="request body bytes (more: 413)")
-    parser.add_argument(
-        "--client_timeout", type=float, default=CLIENT_TIMEOUT, help="seconds a client may take to send (then 408)"
+@dataclass
+class RetrieverServerArguments:
+    """``serve-retriever`` settings (``python scripts/serve_retriever.py [settings.yaml] --key value ...``)."""
+
+    corpus: str | None = field(
+        default=None, metadata={"help": "FlashRAG/DPR contents jsonl, or any memtrain.data.corpus.load_corpus source."}
     )
-    args = parser.parse_args(argv)
-    if not 1 <= args.topk <= MAX_TOPK:  # checked before the (slow) index build: it would fail every request
-        parser.error(
-            f"--topk {args.topk} is out of range: a request may ask for 1 to {MAX_TOPK} passages; pass --topk "
-            f"between 1 and {MAX_TOPK}."
-        )
-    for name in ("max_queries", "max_body_bytes", "client_timeout"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    format: str | None = field(default=None, metadata={"help": "Corpus format for load_corpus (default: guessed)."})
+    method: str = field(default="bm25", metadata={"help": "Search method: bm25 or dense."})
+    embedding_model: str | None = field(
+        default=None, metadata={"help": "sentence-transformers model for method dense."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Read only the first N passages."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on (0: any free port)."})
+    topk: int = field(default=3, metadata={"help": f"Passages per query when a request gives none (1 to {MAX_TOPK})."})
+    max_queries: int = field(default=MAX_QUERIES, metadata={"help": "Queries per request (more: 413)."})
+    max_body_bytes: int = field(default=MAX_BODY_BYTES, metadata={"help": "Request body bytes (more: 413)."})
+    client_timeout: float = field(
+        default=CLIENT_TIMEOUT, metadata={"help": "Seconds a client may take to send its request (then 408)."}
+    )
+
+    def __post_init__(self) -> None:
+        """Checked before the (slow) index build: a bad default would fail every request."""
+        if not self.corpus:
+            raise ValueError("Give the passages to serve: --corpus wiki-18.jsonl (or a settings file with corpus:).")
+        if self.method not in ("bm25", "dense"):
+            raise ValueError(f"--method {self.method} is not a search method; pass --method bm25 or --method dense.")
+        if not 1 <= self.topk <= MAX_TOPK:
+            raise ValueError(
+                f"--topk {self.topk} is out of range: a request may ask for 1 to {MAX_TOPK} passages; pass --topk "
+                f"between 1 and {MAX_TOPK}."
+            )
+        for name in ("max_queries", "max_body_bytes", "client_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+
+
+def _refuse(message: str) -> None:
+    """Bad settings: one line on stderr and exit status 2, as argparse does, with no traceback."""
+    print(f"serve_retriever: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve a corpus: ``python scripts/serve_retriever.py --corpus wiki.jsonl --port 8000`` (or a YAML file)."""
+    from memtrain.configs import parse_recipe_args
+
+    try:
+        (args,) = parse_recipe_args(list(sys.argv[1:] if argv is None else argv), (RetrieverServerArguments,))
+    except ValueError as error:
+        _refuse(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     retriever = Retriever.from_corpus(args.corpus, args.format, args.method, args.embedding_model, args.limit)
     if args.topk > len(retriever):
-        parser.error(
+        _refuse(
             f"--topk {args.topk} exceeds the corpus' {len(retriever)} passages; pass --topk <= {len(retriever)} "
             "(or a larger --limit / corpus)."
         )

@@ -16,13 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.data.corpus import BUILTIN_PREFIX, FORMATS, load_corpus
-from memtrain.data.documents import BuildResult, DocumentBuilderConfig, build_documents
-from memtrain.data.output import atomic_output_dir
+from memtrain.data.documents import DocumentBuilderConfig, build_documents
+from memtrain.data.output import check_before_build, write_built_dataset
 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BuildDatasetArguments", "main", "memtrain_features", "run_build", "write_dataset"]
+__all__ = [
+    "BuildDatasetArguments",
+    "ensure_dataset",
+    "main",
+    "memtrain_features",
+    "run_build",
+    "split_held_out",
+]
 
 SAMPLE_ATTRIBUTION = (
     "The built-in sample is the 6,119-passage Wikipedia corpus of 2WikiMultihopQA (Apache-2.0) as distributed by "
@@ -43,6 +50,9 @@ class BuildDatasetArguments:
     corpus_split: str = field(default="train", metadata={"help": "Hub dataset split."})
     streaming: bool = field(default=False, metadata={"help": "Stream the Hub dataset instead of downloading it."})
     text_column: str | None = field(default=None, metadata={"help": "Column with the text (auto if unset)."})
+    strip_html: bool = field(
+        default=False, metadata={"help": "Remove HTML markup, scripts and entities (web / NQ-style pages)."}
+    )
     title_column: str | None = field(default=None, metadata={"help": "Column with the title (auto if unset)."})
     id_column: str | None = field(default=None, metadata={"help": "Column with the id (auto if unset)."})
     min_words: int = field(default=10, metadata={"help": "Drop paragraphs with fewer words."})
@@ -91,43 +101,13 @@ def memtrain_features() -> Any:
     )
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"Output folder {output_dir} already exists and is not empty. Pass --overwrite_output_dir true to "
-            "replace it, or choose another --output_dir."
-        )
-
-
-def write_dataset(
-    result: BuildResult, output_dir: str | Path, *, card: Any, extra_stats: dict[str, Any], overwrite: bool = False
-) -> Path:
-    """Write ``dataset/``, ``data/*.parquet``, ``README.md`` and ``build_stats.json`` atomically into output_dir."""
-    from datasets import Dataset
-
-    output_dir = Path(output_dir)
-    _check_output_dir(output_dir, overwrite)
-    with atomic_output_dir(output_dir) as staging:
-        dataset = Dataset.from_list(result.rows, features=memtrain_features())
-        dataset.save_to_disk(str(staging / "dataset"))
-        (staging / "data").mkdir()
-        dataset.to_parquet(str(staging / "data" / "train-00000-of-00001.parquet"))
-        (staging / "README.md").write_text(str(card), encoding="utf-8")
-        stats = {"build": result.stats.to_dict(), **extra_stats}
-        (staging / "build_stats.json").write_text(json.dumps(stats, indent=2, default=str), encoding="utf-8")
-    return output_dir
-
-
 def run_build(args: BuildDatasetArguments, config: DocumentBuilderConfig, recipe: str | None = None) -> Path:
     """Load the corpus, build the documents, write them (and push them); returns the output folder."""
-    from memtrain.preflight import check_push, check_writable
-
-    output_dir = Path(args.output_dir)
     # Fail before the expensive part (hours at paper scale), not after it.
-    _check_output_dir(output_dir, args.overwrite_output_dir)
-    check_writable(output_dir)
-    if args.push_to_hub:
-        check_push(args.hub_dataset_id, None)
+    output_dir = check_before_build(
+        args.output_dir, overwrite=args.overwrite_output_dir, push_to_hub=args.push_to_hub,
+        hub_dataset_id=args.hub_dataset_id,
+    )  # fmt: skip
     corpus = load_corpus(
         args.corpus,
         format=args.corpus_format,
@@ -141,6 +121,7 @@ def run_build(args: BuildDatasetArguments, config: DocumentBuilderConfig, recipe
         max_words=args.max_words,
         limit=args.corpus_limit,
         show_progress=config.show_progress,
+        strip_html=args.strip_html,
     )
     result = build_documents(corpus.paragraphs, config)
     logger.info("built %d documents: %s", result.stats.built, json.dumps(result.stats.to_dict()))
@@ -165,17 +146,14 @@ def run_build(args: BuildDatasetArguments, config: DocumentBuilderConfig, recipe
         recipe=recipe,
     )
     extra = {"corpus": corpus.stats.to_dict(), "arguments": asdict(args), "builder_config": config.to_dict()}
-    write_dataset(result, output_dir, card=card, extra_stats=extra, overwrite=args.overwrite_output_dir)
-    logger.info("wrote %s", output_dir)
-    if args.push_to_hub:
-        from memtrain.hub import push_built_dataset
+    from datasets import Dataset
 
-        url = push_built_dataset(
-            output_dir, args.hub_dataset_id, card=card, private=args.hub_private,
-            commit_message=f"MemTrain documents: {result.stats.built} rows",
-        )  # fmt: skip
-        logger.info("pushed to %s", url)
-    return output_dir
+    return write_built_dataset(
+        Dataset.from_list(result.rows, features=memtrain_features()), output_dir, card=card,
+        stats={"build": result.stats.to_dict(), **extra}, overwrite=args.overwrite_output_dir,
+        push_to=args.hub_dataset_id if args.push_to_hub else None, private=args.hub_private,
+        commit_message=f"MemTrain documents: {result.stats.built} rows",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -193,3 +171,27 @@ def main(argv: Sequence[str] | None = None) -> Path:
         recipe = argv[argv.index("--config") + 1]
     args, config = parse_recipe_args(argv, (BuildDatasetArguments, DocumentBuilderConfig))
     return run_build(args, config, recipe=recipe)
+
+
+def ensure_dataset(data_recipe: str | Path, dataset_dir: str | Path) -> Any:
+    """The built documents at ``dataset_dir`` (a ``save_to_disk`` folder), building them with the recipe if absent."""
+    dataset_dir = Path(dataset_dir)
+    if not (dataset_dir / "dataset_info.json").is_file():
+        logger.info("Building MemTrain documents with %s", data_recipe)
+        main([str(data_recipe)])
+    if not (dataset_dir / "dataset_info.json").is_file():
+        raise FileNotFoundError(
+            f"{dataset_dir} holds no dataset after building with {data_recipe}: point --dataset at the recipe's "
+            "output_dir + '/dataset'."
+        )
+    from datasets import load_from_disk
+
+    return load_from_disk(str(dataset_dir))
+
+
+def split_held_out(dataset: Any, num_held_out: int) -> tuple[Any, Any]:
+    """(training rows, held-out rows): the last ``num_held_out`` rows are held out."""
+    if not 0 < num_held_out < len(dataset):
+        raise ValueError(f"Need 0 < held-out documents < {len(dataset)} (the dataset's rows), got {num_held_out}.")
+    cut = len(dataset) - num_held_out
+    return dataset.select(range(cut)), dataset.select(range(cut, len(dataset)))

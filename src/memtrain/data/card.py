@@ -13,6 +13,7 @@ from typing import Any
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from memtrain.agent.prompts import MEMTRAIN_PROBLEM
+from memtrain.data.output import card_data_files
 from memtrain.hub import hub_card_template
 
 
@@ -63,7 +64,7 @@ def render_dataset_card(
         size_categories=[_size_category(built)],
         task_categories=["question-answering"],
         tags=["memtrain", "self-supervised", "long-context", "memory-agent", "wikipedia"],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
+        configs=[{"config_name": "default", "data_files": card_data_files(["train"])}],
     )
     method = config.get("neighbour_method", "bm25")
     if method == "dense":

@@ -428,18 +428,13 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
     """
     from datasets import Dataset, DatasetDict
 
-    from memtrain.data.output import atomic_output_dir
-    from memtrain.preflight import check_push, check_writable
+    from memtrain.data.output import check_before_build, data_files_yaml, write_built_dataset
 
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
-        raise FileExistsError(
-            f"{output_dir} exists and is not empty; pass --overwrite_output_dir true or another dir."
-        )
     # Checked before hours of loading / filtering / padding, not found at the end.
-    check_writable(output_dir)
-    if args.push_to_hub:
-        check_push(args.hub_dataset_id, None)
+    output_dir = check_before_build(
+        args.output_dir, overwrite=args.overwrite_output_dir, push_to_hub=args.push_to_hub,
+        hub_dataset_id=args.hub_dataset_id,
+    )  # fmt: skip
     sources = {}
     if args.train_source:
         sources["train"] = load_examples(args.train_source, args.train_split, args.hub_config)
@@ -474,32 +469,18 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
     stats["rows"] = {name: len(rows) for name, rows in splits.items()}
     stats["arguments"] = {key: getattr(args, key) for key in args.__dataclass_fields__}
 
-    with atomic_output_dir(output_dir) as staging:
-        data_files = []
-        dataset_dict = DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()})
-        dataset_dict.save_to_disk(str(staging / "dataset"))
-        (staging / "data").mkdir()
-        for name, dataset in dataset_dict.items():
-            dataset.to_parquet(str(staging / "data" / f"{name}-00000-of-00001.parquet"))
-            data_files.append(f"  - split: {name}\n    path: data/{name}-00000-of-00001.parquet")
-        card = DATASET_CARD.format(
-            data_files="\n".join(data_files),
-            sources=", ".join(f"{k}: {v}" for k, v in (("train", args.train_source), ("test", args.test_source)) if v),
-            splits=", ".join(f"{name} ({len(rows)})" for name, rows in splits.items()),
-            seed=args.seed,
-            filter=args.filter_model or "none",
-        )
-        (staging / "README.md").write_text(card, encoding="utf-8")
-        (staging / "build_stats.json").write_text(json.dumps(stats, indent=2, default=str), encoding="utf-8")
-    logger.info("wrote %s: %s", output_dir, stats["rows"])
-    if args.push_to_hub:
-        from memtrain.hub import push_built_dataset
-
-        url = push_built_dataset(
-            output_dir, args.hub_dataset_id, private=args.hub_private, commit_message=f"Long-text QA: {stats['rows']}"
-        )
-        logger.info("pushed to %s", url)
-    return output_dir
+    card = DATASET_CARD.format(
+        data_files=data_files_yaml(splits),
+        sources=", ".join(f"{k}: {v}" for k, v in (("train", args.train_source), ("test", args.test_source)) if v),
+        splits=", ".join(f"{name} ({len(rows)})" for name, rows in splits.items()),
+        seed=args.seed,
+        filter=args.filter_model or "none",
+    )
+    return write_built_dataset(
+        DatasetDict({name: Dataset.from_list(rows) for name, rows in splits.items()}), output_dir, card=card,
+        stats=stats, overwrite=args.overwrite_output_dir, push_to=args.hub_dataset_id if args.push_to_hub else None,
+        private=args.hub_private, commit_message=f"Long-text QA: {stats['rows']}",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

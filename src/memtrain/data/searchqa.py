@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,31 +95,88 @@ def build_multi_question_rows(sources: Sequence[Sequence[QAPair]], num_rows: int
     return rows
 
 
-def write_rows(rows: list[dict], output_dir: str | Path) -> Path:
-    """Save rows as a ``save_to_disk`` folder, atomically (a half-written build never looks complete)."""
+@dataclass
+class SearchQABuildArguments:
+    """A search-QA build (``python scripts/build_searchqa.py [recipe.yaml] --key value ...``)."""
+
+    questions: list[str] | None = field(
+        default=None, metadata={"help": "One QA file per source (.json list or .jsonl), e.g. nq.jsonl hotpotqa.json."}
+    )
+    num_rows: int | None = field(default=None, metadata={"help": "Rows to build (one question per source each)."})
+    seed: int = field(default=0, metadata={"help": "Seeds which questions are drawn and paired."})
+    output_dir: str = field(default="outputs/data/searchqa", metadata={"help": "Output folder."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing output folder."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the parquet data and card to the Hub."})
+    hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset repo, e.g. you/searchqa."})
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+
+    def __post_init__(self) -> None:
+        if not self.questions:
+            raise ValueError("Give the question files: --questions nq.jsonl hotpotqa.json (one file per source).")
+        if self.num_rows is None or self.num_rows < 1:
+            raise ValueError(f"num_rows must be a positive number of rows, got {self.num_rows}; pass --num_rows N.")
+        if self.push_to_hub and not self.hub_dataset_id:
+            raise ValueError("push_to_hub needs hub_dataset_id (e.g. --hub_dataset_id you/searchqa).")
+
+
+DATASET_CARD = """---
+license: other
+task_categories:
+- question-answering
+tags:
+- memtrain
+- search-agent
+configs:
+- config_name: default
+  data_files:
+{data_files}
+---
+
+# Search-QA rows (MEM1 style)
+
+Each row asks one question of every source together, for a search agent with a constant-size internal state
+(MEM1; built with memtrain's `scripts/build_searchqa.py`). Columns: `prompt` (the numbered questions), `questions`,
+`answers` (one list of accepted strings per question), `context` (empty: the agent reads through its search tool),
+`sources`, `id`.
+
+Sources: {sources}. Rows: {rows}. Seed {seed}.
+
+Licences follow the question sources (e.g. Natural Questions: CC BY-SA 3.0; HotpotQA: CC BY-SA 4.0).
+"""
+
+
+def write_rows(rows: list[dict], args: SearchQABuildArguments) -> Path:
+    """Write rows like every builder (``dataset/``, parquet, card, stats; atomically) and push them if asked."""
     from datasets import Dataset
 
-    from memtrain.data.output import atomic_output_dir
+    from memtrain.data.output import data_files_yaml, write_built_dataset
 
-    with atomic_output_dir(output_dir) as staging:
-        Dataset.from_list(rows).save_to_disk(str(staging))
-    return Path(output_dir)
+    card = DATASET_CARD.format(
+        data_files=data_files_yaml(["train"]), sources=", ".join(args.questions or []), rows=len(rows), seed=args.seed
+    )
+    stats = {"rows": len(rows), "arguments": asdict(args)}
+    return write_built_dataset(
+        Dataset.from_list(rows), args.output_dir, card=card, stats=stats, overwrite=args.overwrite_output_dir,
+        push_to=args.hub_dataset_id if args.push_to_hub else None, private=args.hub_private,
+        commit_message=f"Search-QA: {len(rows)} rows",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """`python scripts/build_searchqa.py --questions nq.jsonl hotpotqa.json --num_rows 512 --output_dir DIR`."""
-    import argparse
+    """``python scripts/build_searchqa.py --questions nq.jsonl hotpotqa.json --num_rows 512 --output_dir DIR``."""
+    import logging
+    import sys
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--questions", nargs="+", required=True, help="One QA file per source (json list or jsonl).")
-    parser.add_argument("--num_rows", type=int, required=True, help="Rows to build (one question per source each).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output_dir", required=True)
-    args = parser.parse_args(argv)
-    from memtrain.preflight import check_writable
+    from memtrain.configs import parse_recipe_args
+    from memtrain.data.output import check_before_build
 
-    check_writable(args.output_dir)  # before reading the question files
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args,) = parse_recipe_args(list(sys.argv[1:] if argv is None else argv), (SearchQABuildArguments,))
+    check_before_build(
+        args.output_dir, overwrite=args.overwrite_output_dir, push_to_hub=args.push_to_hub,
+        hub_dataset_id=args.hub_dataset_id,
+    )  # fmt: skip  # before reading the question files
     sources = [load_qa_pairs(path) for path in args.questions]
-    out = write_rows(build_multi_question_rows(sources, args.num_rows, args.seed), args.output_dir)
+    out = write_rows(build_multi_question_rows(sources, args.num_rows, args.seed), args)
     print(f"wrote {args.num_rows} search-QA rows to {out}")
     return out
