@@ -26,9 +26,10 @@ def context_file(tmp_path):
 
 
 def read_args(model_dir, context_file, *extra: str) -> list[str]:
+    # `--chunk-size` (the old spelling) still works beside `--chunk_size`: TRL's parser takes both
     return [
-        "read", "--model", str(model_dir), "--context-file", str(context_file), "--question", "Which river?",
-        "--chunk-size", "64", "--max-chunks", "3", "--max-memory-tokens", "4", "--max-answer-tokens", "5", *extra,
+        "read", "--model", str(model_dir), "--context_file", str(context_file), "--question", "Which river?",
+        "--chunk-size", "64", "--max_chunks", "3", "--max_memory_tokens", "4", "--max_answer_tokens", "5", *extra,
     ]  # fmt: skip
 
 
@@ -59,9 +60,7 @@ def test_new_subcommands_plug_into_the_registry(capsys, monkeypatch):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["read", "--context-file", "x.txt", "--question", "q"], "--model"),
-        (["read", "--model", "m", "--context-file", "x.txt", "--question", "q", "--chunk-size", "0"], "positive"),
-        (["read", "--model", "m", "--context-file", "x.txt", "--question", "q", "--max-chunks", "two"], "positive"),
+        (["read", "--model", "m", "--context-file", "x.txt", "--question", "q", "--max-chunks", "two"], "invalid int"),
         ([], "COMMAND"),
     ],
 )
@@ -72,12 +71,64 @@ def test_bad_arguments_exit_with_usage(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["read", "--context_file", "x.txt", "--question", "q"], "--model is required"),
+        (["read", "--model", "m", "--context_file", "x.txt", "--question", "q", "--chunk_size", "0"], "chunk_size"),
+        (["read", "--model", "m", "--context_file", "x.txt", "--question", "q", "--chunk_sise", "8"], "chunk_size"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(capsys, argv, message):
+    """A missing key, a bad value or a misspelt key: exit 2 and one line naming it, before any model loads."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memtrain read: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_read_help_lists_every_key_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["read", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("--model", "--context_file", "--question", "--chunk_size", "--max_chunks", "--max_problem_tokens",
+                "--max_memory_tokens", "--max_answer_tokens", "--update_template", "--final_template", "--backend",
+                "--trace_html", "--seed"):  # fmt: skip
+        assert key in out, key
+
+
+def test_read_takes_a_recipes_agent_settings(model_dir, context_file, tmp_path, capsys):
+    """`memtrain read --config recipe.yaml`: the recipe's chunking, budgets and templates; the command line wins."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "recipes" / "smollm2-135m.yaml").read_text())
+    recipe.update(model_name_or_path=str(model_dir), max_chunks=2, max_memory_tokens=4, max_answer_tokens=5,
+                  final_template="Q: {problem}\nNotes: {memory}\nReply:")  # fmt: skip
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    trace = tmp_path / "t.json"
+    argv = ["read", "--config", str(tmp_path / "r.yaml"), "--context_file", str(context_file), "--question", "Which?",
+            "--chunk_size", "48", "--trace_json", str(trace)]  # fmt: skip
+    assert cli.main(argv) == 0
+    (trajectory,) = load_trajectories(trace)
+    assert trajectory.num_chunks == 2 and all(len(call.completion_ids) <= 4 for call in trajectory.calls[:2])
+    prompt = tokenizer_of(model_dir).decode(trajectory.calls[-1].prompt_ids)
+    assert "Notes: " in prompt and "Reply:" in prompt
+    # the recipe's chunk_size is 64, the command line's 48: 2 chunks of <= 48 tokens were read
+    assert trajectory.metadata["context_tokens"] - trajectory.truncated_tokens <= 96
+
+
+def tokenizer_of(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
 def test_missing_context_file_is_a_clear_error_before_loading_any_model(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
     code = cli.main(["read", "--model", "/does/not/exist", "--context-file", str(missing), "--question", "q"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "memtrain read: error: --context-file" in err and str(missing) in err
+    assert "memtrain read: error: --context_file" in err and str(missing) in err
 
 
 def test_read_answers_and_saves_its_trace(model_dir, context_file, tmp_path, capsys):
@@ -113,7 +164,8 @@ def test_forwarded_subcommands_run_the_scripts_entry_points(tmp_path, capsys):
         ["build-searchqa", "--questions", str(fixtures / "search" / "nq_test_17.jsonl"),
          str(fixtures / "longqa" / "hotpotqa_train_12.json"), "--num_rows", "3", "--output_dir", str(out)]
     )  # fmt: skip
-    assert code == 0 and (out / "dataset_info.json").is_file()
+    # the builders write the dataset at the top or (the shared output layout) in its `dataset/` subfolder
+    assert code == 0 and any((folder / "dataset_info.json").is_file() for folder in (out, out / "dataset"))
     # a recipe that is not there is a user error (exit 2, no traceback), reported before anything loads
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml does not exist" in capsys.readouterr().err
@@ -124,18 +176,18 @@ def test_read_refuses_an_empty_context_before_loading_the_model(tmp_path, capsys
     empty.write_text("  \n", encoding="utf-8")
     code = cli.main(["read", "--model", "/does/not/exist", "--context-file", str(empty), "--question", "q"])
     assert code == 2
-    assert "memtrain read: error: --context-file" in capsys.readouterr().err
+    assert "memtrain read: error: --context_file" in capsys.readouterr().err
 
 
 def test_read_warns_about_what_it_did_not_read(model_dir, context_file, capsys):
     long_question = "Which river flows through Lyon " * 20 + "?"
-    argv = read_args(model_dir, context_file, "--max-problem-tokens", "16")
+    argv = read_args(model_dir, context_file, "--max_problem_tokens", "16")
     argv[argv.index("--question") + 1] = long_question
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert re.search(r"warning: the context has \d+ tokens .* \d+ tokens from its middle were NOT read", err)
-    assert re.search(r"pass --max-chunks \d+ to read all of it", err)
-    assert re.search(r"warning: the question was cut to --max-problem-tokens 16: its last \d+ tokens", err)
+    assert re.search(r"pass --max_chunks \d+ to read all of it", err)
+    assert re.search(r"warning: the question was cut to --max_problem_tokens 16: its last \d+ tokens", err)
     assert cli.main(read_args(model_dir, context_file, "--max-chunks", "40")) == 0
     assert "warning" not in capsys.readouterr().err
 

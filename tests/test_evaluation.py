@@ -263,14 +263,12 @@ def test_memtrain_task_scores_recall_probes(tmp_path, tokenizer, generator):
 
 
 def test_cli_and_script_take_the_same_arguments(tmp_path, tokenizer):
-    import argparse
     import runpy
 
     from conftest import save_tiny_checkpoint
 
-    from memtrain.cli import build_parser
     from memtrain.cli import main as cli_main
-    from memtrain.evaluation.cli import add_eval_arguments
+    from memtrain.evaluation.cli import parse_eval_args
 
     model_dir = save_tiny_checkpoint(tokenizer, tmp_path / "tiny")
     rows = tmp_path / "rows.jsonl"
@@ -278,12 +276,11 @@ def test_cli_and_script_take_the_same_arguments(tmp_path, tokenizer):
     argv = ["--model", str(model_dir), "--dataset", str(rows), "--max_answer_tokens", "3", "--output_dir",
             str(tmp_path / "out"), "--max-memory-tokens", "3", "--modes", "agent", "full_context"]  # fmt: skip
 
-    # scripts/evaluate.py is memtrain.evaluation.main: its parser and `memtrain eval`'s parse argv identically
+    # scripts/evaluate.py is memtrain.evaluation.cli.main: one parser for it and `memtrain eval`
     script = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "evaluate.py"))
     assert script["main"].__module__ == "memtrain.evaluation.cli"
-    from_script = vars(add_eval_arguments(argparse.ArgumentParser()).parse_args(argv))
-    from_cli = vars(build_parser().parse_args(["eval", *argv]))
-    assert {k: v for k, v in from_cli.items() if k not in ("command", "handler")} == from_script
+    args, config = parse_eval_args(argv)
+    assert (config.max_answer_tokens, config.max_memory_tokens, config.modes) == (3, 3, ("agent", "full_context"))
 
     assert script["main"](argv) == 0
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]

@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -31,42 +32,31 @@ def register_subcommand(name: str) -> Callable[[SubparserAdder], SubparserAdder]
     return decorator
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+@dataclass
+class ReadArguments:
+    """`memtrain read`: what to read and ask; the memory agent's settings are ``AgentConfig``'s (as in a recipe)."""
 
-
-@register_subcommand("read")
-def add_read(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "read",
-        help="Read a long text chunk by chunk into a bounded memory, then answer a question from the memory.",
-        description="Run the memory agent once: print the answer; optionally save the trajectory (JSON, HTML).",
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Packaged name (smollm2-135m), local folder, .gguf or Hub id; from a recipe: its model."},
     )
-    parser.add_argument("--model", required=True, help="Packaged name (smollm2-135m), local folder, .gguf or Hub id.")
-    parser.add_argument("--context-file", required=True, help="UTF-8 text file to read ('-' reads stdin).")
-    parser.add_argument("--question", required=True, help="The question (the agent's problem).")
-    parser.add_argument("--chunk-size", type=_positive_int, default=5000, help="Tokens per chunk (default 5000).")
-    parser.add_argument("--max-chunks", type=_positive_int, default=8, help="Chunks read at most (default 8).")
-    parser.add_argument(
-        "--max-problem-tokens", type=_positive_int, default=1024, help="Question budget; longer keeps its start."
+    context_file: str | None = field(default=None, metadata={"help": "UTF-8 text file to read ('-' reads stdin)."})
+    question: str | None = field(default=None, metadata={"help": "The question (the agent's problem)."})
+    temperature: float = field(default=0.0, metadata={"help": "0 decodes greedily; > 0 samples (see --seed)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass when sampling."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed: the same seed gives the same run."})
+    trace_json: str | None = field(default=None, metadata={"help": "Save the trajectory (every model call) as JSON."})
+    trace_html: str | None = field(default=None, metadata={"help": "Save the trajectory viewer (HTML) here."})
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "`transformers` (generate) or `vllm` (an in-process vllm.LLM; needs vLLM and a GPU)."},
     )
-    parser.add_argument("--max-memory-tokens", type=_positive_int, default=1024, help="Memory budget (default 1024).")
-    parser.add_argument("--max-answer-tokens", type=_positive_int, default=1024, help="Answer budget (default 1024).")
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="0 (default) decodes greedily; > 0 samples (see --seed)."
+    base_url: str | None = field(
+        default=None, metadata={"help": "Read with a model served by an OpenAI-compatible server at this URL."}
     )
-    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass when sampling (default 1).")
-    parser.add_argument("--seed", type=int, default=0, help="Sampling seed: the same seed gives the same run.")
-    parser.add_argument("--trace-json", type=Path, help="Save the trajectory (every model call) as JSON here.")
-    parser.add_argument("--trace-html", type=Path, help="Save the trajectory viewer (HTML) here.")
-    parser.set_defaults(handler=run_read)
-    return parser
+    served_model_name: str | None = field(default=None, metadata={"help": "Model name sent to --base_url."})
+    vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend: GPU memory share."})
+    vllm_max_model_length: int | None = field(default=None, metadata={"help": "vllm backend: engine context length."})
 
 
 def _read_context(path: str) -> str:
@@ -74,46 +64,60 @@ def _read_context(path: str) -> str:
         return sys.stdin.read()
     file = Path(path)
     if not file.is_file():
-        raise CliError(f"--context-file {path}: no such file; pass a UTF-8 text file (or '-' for stdin).")
+        raise CliError(f"--context_file {path}: no such file; pass a UTF-8 text file (or '-' for stdin).")
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise CliError(f"--context-file {path}: not UTF-8 text ({error}); convert it to UTF-8 first.") from None
+        raise CliError(f"--context_file {path}: not UTF-8 text ({error}); convert it to UTF-8 first.") from None
 
 
-def run_read(args: argparse.Namespace) -> int:
+def run_read(argv: list[str]) -> int:
+    """`memtrain read [--config FILE] [--key value ...]`: one rollout of the memory agent; prints the answer."""
+    from memtrain.agent.memory_agent import AgentConfig
+    from memtrain.configs import parse_settings
+
     # Check the user's input before the heavy imports and the model load, so a typo fails in milliseconds.
+    args, config = parse_settings(argv, (ReadArguments, AgentConfig), "memtrain read")
+    for name in ("model", "context_file", "question"):
+        if getattr(args, name) is None:
+            raise CliError(f"--{name} is required (memtrain read --help lists every key).")
     if args.temperature < 0:
         raise CliError(f"--temperature must be >= 0, got {args.temperature}.")
     if not 0 < args.top_p <= 1:
-        raise CliError(f"--top-p must be in (0, 1], got {args.top_p}.")
+        raise CliError(f"--top_p must be in (0, 1], got {args.top_p}.")
+    if args.base_url and args.backend != "transformers":
+        raise CliError("--base_url reads with a served model; drop --backend (it picks an in-process engine).")
+    from memtrain.evaluation.backend import load_generator, require_backend
+
+    require_backend(args.backend)
     context = _read_context(args.context_file)
     if not context.strip():
-        raise CliError(f"--context-file {args.context_file} is empty: there is nothing to read; pass the long text.")
+        raise CliError(f"--context_file {args.context_file} is empty: there is nothing to read; pass the long text.")
     if not args.question.strip():
         raise CliError("--question is empty; ask the question the memory agent should answer.")
 
-    from memtrain.agent.generation import SamplingConfig, TransformersGenerator
-    from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
+    from memtrain.agent.generation import SamplingConfig
+    from memtrain.agent.memory_agent import MemoryAgent
     from memtrain.agent.trajectory import save_trajectories
-    from memtrain.models import load_model_and_tokenizer
     from memtrain.viz import save_trajectory_html
 
-    config = AgentConfig(
-        chunk_size=args.chunk_size,
-        max_chunks=args.max_chunks,
-        max_problem_tokens=args.max_problem_tokens,
-        max_memory_tokens=args.max_memory_tokens,
-        max_answer_tokens=args.max_answer_tokens,
-    )
     sampling = SamplingConfig(
         temperature=args.temperature, top_p=args.top_p, do_sample=args.temperature > 0, seed=args.seed
     )
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    tokenizer, generator = load_generator(
+        args.model,
+        args.backend,
+        base_url=args.base_url,
+        served_model_name=args.served_model_name,
+        sampling=sampling,
+        seed=args.seed,
+        vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        vllm_max_model_length=args.vllm_max_model_length,
+    )
     loaded = time.perf_counter()
-    agent = MemoryAgent(tokenizer, TransformersGenerator(model, tokenizer, sampling), config)
-    trajectory = agent.rollout([context], [args.question], doc_ids=[str(args.context_file)])[0]
+    agent = MemoryAgent(tokenizer, generator, config)
+    trajectory = agent.rollout([context], [args.question], doc_ids=[str(args.context_file)], sampling=sampling)[0]
     done = time.perf_counter()
     generated = sum(len(call.completion_ids) for call in trajectory.calls)
     print(
@@ -122,7 +126,7 @@ def run_read(args: argparse.Namespace) -> int:
         f"answered in {done - loaded:.1f}s ({len(trajectory.calls)} model calls, {generated} tokens generated)",
         file=sys.stderr,
     )
-    _warn_truncation(trajectory, args)
+    _warn_truncation(trajectory, config)
     if args.trace_json:
         save_trajectories([trajectory], args.trace_json)
         print(f"[memtrain read] trajectory JSON: {args.trace_json}", file=sys.stderr)
@@ -133,64 +137,69 @@ def run_read(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_truncation(trajectory, args: argparse.Namespace) -> None:
+def _warn_truncation(trajectory, config) -> None:
     """Say what the agent did not read: a centre-truncated context or a question cut to its budget."""
     dropped = trajectory.truncated_tokens
     if dropped:
         total = trajectory.metadata["context_tokens"]
-        needed = -(-total // args.chunk_size)
+        needed = -(-total // config.chunk_size)
         print(
-            f"[memtrain read] warning: the context has {total} tokens but --chunk-size {args.chunk_size} x "
-            f"--max-chunks {args.max_chunks} reads {total - dropped}; {dropped} tokens from its middle were NOT read "
-            f"(pass --max-chunks {needed} to read all of it).",
+            f"[memtrain read] warning: the context has {total} tokens but --chunk_size {config.chunk_size} x "
+            f"--max_chunks {config.max_chunks} reads {total - dropped}; {dropped} tokens from its middle were NOT "
+            f"read (pass --max_chunks {needed} to read all of it).",
             file=sys.stderr,
         )
     cut = trajectory.metadata.get("problem_truncated_tokens", 0)
     if cut:
+        budget = config.max_problem_tokens
         print(
-            f"[memtrain read] warning: the question was cut to --max-problem-tokens {args.max_problem_tokens}: its "
-            f"last {cut} tokens were NOT given to the model (pass --max-problem-tokens {args.max_problem_tokens + cut}).",
+            f"[memtrain read] warning: the question was cut to --max_problem_tokens {budget}: its last {cut} tokens "
+            f"were NOT given to the model (pass --max_problem_tokens {budget + cut}).",
             file=sys.stderr,
         )
 
 
-@register_subcommand("eval")
-def add_eval(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from memtrain.evaluation.cli import add_eval_arguments, run_eval
-
-    parser = subparsers.add_parser(
-        "eval",
-        help="Evaluate a model (memory agent and/or full context) on QA rows; write results.json/.md, plot, pages.",
-        description="Same arguments as scripts/evaluate.py; see memtrain.evaluation.",
-    )
-    add_eval_arguments(parser)
-    parser.set_defaults(handler=run_eval)
-    return parser
-
-
 # Subcommands that forward their arguments to the entry point of a script (the same flags as the script).
+# ``module:function`` taking the argument list; each parses it with TRL's parser ([--config FILE] [--key value]).
 FORWARDED = {
-    "train": ("memtrain.train", "MemTrain GRPO from a recipe (= scripts/run_grpo.py recipe.yaml [--key value ...])."),
-    "build-data": ("memtrain.data.build", "MemTrain documents from a corpus (= scripts/build_dataset.py)."),
-    "build-longqa": ("memtrain.data.longqa", "Long-text QA buckets from HotpotQA rows (= scripts/build_longqa.py)."),
-    "build-searchqa": ("memtrain.data.searchqa", "Multi-question search-QA rows (= scripts/build_searchqa.py)."),
-    "serve-retriever": ("memtrain.retrieval", "Serve a passage index over HTTP (= scripts/serve_retriever.py)."),
+    "read": (
+        "memtrain.cli:run_read",
+        "Read a long text chunk by chunk into a bounded memory, then answer a question from the memory.",
+    ),
+    "eval": (
+        "memtrain.evaluation.cli:run_eval",
+        "Evaluate a model (memory agent and/or full context) on QA rows; write results.json/.md, plot, pages "
+        "(= scripts/evaluate.py).",
+    ),
+    "train": (
+        "memtrain.train:main",
+        "MemTrain GRPO from a recipe (= scripts/run_grpo.py recipe.yaml [--key value ...]).",
+    ),
+    "build-data": ("memtrain.data.build:main", "MemTrain documents from a corpus (= scripts/build_dataset.py)."),
+    "build-longqa": (
+        "memtrain.data.longqa:main",
+        "Long-text QA buckets from HotpotQA rows (= scripts/build_longqa.py).",
+    ),
+    "build-searchqa": ("memtrain.data.searchqa:main", "Multi-question search-QA rows (= scripts/build_searchqa.py)."),
+    "serve-retriever": ("memtrain.retrieval:main", "Serve a passage index over HTTP (= scripts/serve_retriever.py)."),
 }
 
 
-def _forward(module_name: str) -> Callable[[argparse.Namespace], int]:
+def _forward(target: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         import importlib
 
-        module = importlib.import_module(module_name)
+        module_name, function = target.split(":")
+        entry = getattr(importlib.import_module(module_name), function)
         try:
-            module.main(args.forwarded)
+            result = entry(args.forwarded)
+            # read/eval return an exit code; the scripts' mains may return what they wrote (a path), meaning success
+            return result if isinstance(result, int) and not isinstance(result, bool) else 0
         except Exception as error:
             # A push that failed after a complete run (memtrain.train.PushError) is a user-facing error too.
             if type(error).__name__ == "PushError":
                 raise CliError(str(error)) from None
             raise
-        return 0
 
     return handler
 
@@ -200,7 +209,7 @@ def _add_forwarded(name: str) -> SubparserAdder:
 
     def add(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help_text, description=help_text, add_help=False)
-        parser.add_argument("forwarded", nargs=argparse.REMAINDER, help="Arguments of the script (try --help).")
+        parser.add_argument("forwarded", nargs=argparse.REMAINDER, help="Its arguments (try --help).")
         parser.set_defaults(handler=_forward(module_name))
         return parser
 

@@ -3,12 +3,18 @@
 A recipe is one YAML file whose keys belong to exactly one of: :class:`MemTrainScriptArguments` (data),
 :class:`~memtrain.agent.memory_agent.AgentConfig` (the memory agent), :class:`MemTrainConfig` (GRPO + MemTrain
 knobs, a ``trl.GRPOConfig``) and ``trl.ModelConfig`` (model loading, LoRA / QLoRA).
+
+The agents' settings are declared once: the memory agent's in ``AgentConfig``, the search agent's in
+:class:`SearchAgentArguments` (a base of ``MemTrainConfig``). ``memtrain eval`` and ``memtrain read`` parse the same
+dataclasses with :func:`parse_settings`, so ``memtrain eval --config recipes/x.yaml`` reads a model with exactly the
+chunking, budgets and templates it was trained with.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,7 +50,53 @@ class MemTrainScriptArguments(ScriptArguments):
 
 
 @dataclass
-class MemTrainConfig(GRPOConfig):
+class SearchAgentArguments:
+    """MEM1's search agent (PAPER.md section 6): the recipe keys of training and the flags of ``memtrain eval``."""
+
+    retriever: str | None = field(
+        default=None,
+        metadata={
+            "help": "Search agent only: a passage corpus (file, folder, Hub id, `builtin:wiki-sample`) indexed in "
+            "process, or the http URL of `scripts/serve_retriever.py` shared by all processes."
+        },
+    )
+    retriever_method: str = field(default="bm25", metadata={"help": "In-process retriever: `bm25` or `dense`."})
+    search_max_turns: int = field(
+        default=6, metadata={"help": "Search agent: turns before a forced answer (MEM1: 6)."}
+    )
+    search_topk: int = field(default=3, metadata={"help": "Search agent: passages per search (MEM1: 3)."})
+    search_observation_tokens: int = field(
+        default=1024, metadata={"help": "Search agent: token budget of one <information> block (MEM1: 1k)."}
+    )
+    search_max_new_tokens: int = field(default=512, metadata={"help": "Search agent: new tokens per turn."})
+
+    def search_agent_config(self):
+        """The :class:`~memtrain.agent.search_agent.SearchAgentConfig` these settings describe."""
+        from memtrain.agent.search_agent import SearchAgentConfig
+
+        return SearchAgentConfig(
+            max_turns=self.search_max_turns,
+            topk=self.search_topk,
+            observation_max_tokens=self.search_observation_tokens,
+            max_new_tokens=self.search_max_new_tokens,
+        )
+
+    def build_retriever(self):
+        """A client of the retriever service (an http URL) or an in-process index of the corpus; None without one."""
+        if not self.retriever:
+            return None
+        from memtrain.retrieval import RemoteRetriever, Retriever
+
+        if self.retriever.startswith(("http://", "https://")):
+            return RemoteRetriever(self.retriever)
+        return Retriever.from_corpus(self.retriever, method=self.retriever_method)
+
+
+AGENT_DATACLASSES = (AgentConfig, SearchAgentArguments)
+
+
+@dataclass
+class MemTrainConfig(GRPOConfig, SearchAgentArguments):
     """``trl.GRPOConfig`` plus what multi-conversation GRPO over a memory agent needs (PAPER.md sections 3-5).
 
     ``num_generations`` is G1, the rollouts per document; ``per_device_train_batch_size`` counts rollouts (as TRL
@@ -117,22 +169,6 @@ class MemTrainConfig(GRPOConfig):
             "(search QA; needs `retriever`)."
         },
     )
-    retriever: str | None = field(
-        default=None,
-        metadata={
-            "help": "Search agent only: a passage corpus (file, folder, Hub id, `builtin:wiki-sample`) indexed in "
-            "process, or the http URL of `scripts/serve_retriever.py` shared by all processes."
-        },
-    )
-    retriever_method: str = field(default="bm25", metadata={"help": "In-process retriever: `bm25` or `dense`."})
-    search_max_turns: int = field(
-        default=6, metadata={"help": "Search agent: turns before a forced answer (MEM1: 6)."}
-    )
-    search_topk: int = field(default=3, metadata={"help": "Search agent: passages per search (MEM1: 3)."})
-    search_observation_tokens: int = field(
-        default=1024, metadata={"help": "Search agent: token budget of one <information> block (MEM1: 1k)."}
-    )
-    search_max_new_tokens: int = field(default=512, metadata={"help": "Search agent: new tokens per turn."})
     filter_zero_variance_groups: bool = field(
         default=True, metadata={"help": "Drop groups whose rewards are all equal (DAPO dynamic filtering)."}
     )
@@ -205,8 +241,7 @@ def known_recipe_keys(dataclass_types: Sequence[type] = RECIPE_DATACLASSES) -> s
     return {f.name for cls in dataclass_types for f in dataclasses.fields(cls)} | {"env"}
 
 
-def load_recipe(path: str | Path, dataclass_types: Sequence[type] = RECIPE_DATACLASSES) -> dict[str, Any]:
-    """Read a recipe and check every key before anything heavy happens."""
+def _read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(
@@ -218,6 +253,12 @@ def load_recipe(path: str | Path, dataclass_types: Sequence[type] = RECIPE_DATAC
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from err
     if not isinstance(recipe, dict):
         raise RecipeError(f"Recipe {path} must be a YAML mapping of `key: value` lines.")
+    return recipe
+
+
+def load_recipe(path: str | Path, dataclass_types: Sequence[type] = RECIPE_DATACLASSES) -> dict[str, Any]:
+    """Read a recipe and check every key before anything heavy happens."""
+    recipe = _read_yaml_mapping(path)
     check_recipe_keys(recipe, source=str(path), dataclass_types=dataclass_types)
     return recipe
 
@@ -269,3 +310,65 @@ def parse_recipe_args(
     _check_cli_options(argv, dataclass_types)
     parser = TrlParser(tuple(dataclass_types))
     return parser.parse_args_and_config(argv)
+
+
+# The recipe key naming the model; `memtrain eval` / `read` call it `model`.
+RECIPE_MODEL_KEY = "model_name_or_path"
+
+
+def settings_from_file(path: str | Path, dataclass_types: Sequence[type]) -> dict[str, Any]:
+    """The values a settings file gives a command parsed into ``dataclass_types`` (e.g. ``memtrain eval``).
+
+    The file is either the command's own settings (every key one of its fields) or a training recipe. From a recipe
+    the command takes the agents' settings (``AgentConfig``, ``SearchAgentArguments``: chunking, budgets, templates,
+    retriever), the model (``model_name_or_path`` as ``model``) and its own keys that training does not have;
+    training's other keys are training's (its ``output_dir``, sampling ``temperature``, ``seed``, G2
+    ``recall_samples``...) and are ignored even where the command has a key of that name. A key that neither the
+    command nor training knows is refused, naming the key.
+    """
+    values = _read_yaml_mapping(path)
+    env = values.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise RecipeError(f"{path}: `env` must be a mapping of environment variables.")
+    check_recipe_keys(values, source=str(path), dataclass_types=(*dataclass_types, *RECIPE_DATACLASSES))
+    own = known_recipe_keys(dataclass_types) - {"env"}
+    training = known_recipe_keys(RECIPE_DATACLASSES) - {"env"}
+    if not any(key in training and key not in own for key in values):
+        taken = dict(values)
+    else:
+        agent = known_recipe_keys(AGENT_DATACLASSES) & own
+        taken = {key: value for key, value in values.items() if key in agent or key not in training}
+        if RECIPE_MODEL_KEY in values and "model" in own:
+            taken["model"] = values[RECIPE_MODEL_KEY]
+    for key, value in env.items():
+        os.environ[key] = str(value)
+    return taken
+
+
+def parse_settings(argv: Sequence[str] | None, dataclass_types: Sequence[type], prog: str) -> tuple[Any, ...]:
+    """Parse ``[--config FILE] [--key value ...]`` into ``dataclass_types``: the parser of ``memtrain eval`` / ``read``.
+
+    The sibling of :func:`parse_recipe_args` for commands that run a trained agent: ``--config`` (or a first
+    positional path) is the command's own YAML or a training recipe (:func:`settings_from_file`); command-line
+    values override it; ``-h`` lists every key with its help and default. Unknown keys raise :class:`RecipeError`
+    naming the key before anything loads.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = (
+        f"{prog} [--config FILE] [--key value ...]: FILE is a YAML of these keys or a training recipe (recipes/*.yaml, "
+        "whose agent settings and model are used); --key value overrides it."
+    )
+    parser = TrlParser(tuple(dataclass_types), prog=prog, description=usage)
+    if "-h" in argv or "--help" in argv:
+        parser.parse_args(["--help"])
+    if argv and not argv[0].startswith("-"):
+        argv = ["--config", *argv]
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise RecipeError("--config needs a path: a settings YAML or a training recipe (recipes/*.yaml).")
+        path = argv[index + 1]
+        argv = argv[:index] + argv[index + 2 :]
+        parser.set_defaults_with_config(**settings_from_file(path, dataclass_types))
+    _check_cli_options(argv, dataclass_types)
+    return tuple(parser.parse_args_into_dataclasses(args=argv))

@@ -130,15 +130,12 @@ class Evaluator:
         return RunOutput(replies, [[] for _ in rows], [None] * len(rows), time.perf_counter() - start)
 
     def run_search_agent(self, rows: Sequence[Mapping[str, Any]]) -> RunOutput:
-        from memtrain.agent.search_agent import SearchAgent, SearchAgentConfig
+        from memtrain.agent.search_agent import SearchAgent
 
         if self.retriever is None:
-            raise ValueError("--task search needs a retriever: pass --retriever_corpus FILE or --retriever_url URL.")
+            raise ValueError("--task search needs a retriever: pass --retriever CORPUS (a passages file) or URL.")
         cfg = self.config
-        search = SearchAgentConfig(
-            max_turns=cfg.search_max_turns, topk=cfg.search_topk, max_new_tokens=cfg.search_max_new_tokens
-        )
-        agent = SearchAgent(self.tokenizer, self.generator, self.retriever, search)
+        agent = SearchAgent(self.tokenizer, self.generator, self.retriever, cfg.search_agent_config())
         start = time.perf_counter()
         replies, pages, extra = [], [], []
         for index, (_, batch) in enumerate(self._batches(rows)):

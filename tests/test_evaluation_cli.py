@@ -1,0 +1,100 @@
+"""`memtrain eval`'s settings: TRL's parser, --help, a training recipe as --config, one-line errors, backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memtrain import cli
+from memtrain.evaluation.cli import parse_eval_args
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM_RECIPE = ROOT / "recipes" / "smollm2-135m.yaml"
+REQUIRED = ["--dataset", "rows.jsonl", "--output_dir", "out"]
+
+
+def test_eval_help_lists_every_key_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("--model", "--dataset", "--dataset_config", "--dataset_split", "--prompt_column", "--context_column",
+                "--answers_column", "--output_dir", "--overwrite", "--backend", "--base_url", "--task", "--modes",
+                "--chunk_size", "--max_problem_tokens", "--update_template", "--final_template", "--recall_template",
+                "--retriever", "--search_observation_tokens", "--multi_question", "--config"):  # fmt: skip
+        assert key in out, key
+
+
+def test_a_training_recipe_gives_eval_its_agent_settings_and_model(tmp_path):
+    """The recipe's chunking, every budget (max_problem_tokens too), templates and model; not training's sampling,
+    seed, G2 or output_dir, which mean something else in training; the command line wins over the recipe."""
+    recipe = yaml.safe_load(SMOLLM_RECIPE.read_text(encoding="utf-8"))
+    recipe["final_template"] = "Question: {problem}\nMemory: {memory}\nAnswer:"
+    recipe["max_problem_tokens"] = 40
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+
+    args, config = parse_eval_args(["--config", str(path), *REQUIRED, "--max_chunks", "5"])
+    assert args.model == recipe["model_name_or_path"] == "smollm2-135m"
+    assert (config.chunk_size, config.max_problem_tokens, config.max_memory_tokens, config.max_answer_tokens) == (
+        64,
+        40,
+        48,
+        16,
+    )
+    assert config.max_chunks == 5  # command line over the recipe's 3
+    assert config.agent_config().templates().final == recipe["final_template"]
+    assert args.output_dir == "out" and recipe["output_dir"] != "out"
+    # training's temperature 0.7, seed 42 and recall_samples 8 are not evaluation's
+    assert (config.temperature, config.seed, config.recall_samples) == (0.0, 0, 1)
+
+    # the shipped recipe as it is, and as the first positional argument
+    _, shipped = parse_eval_args([str(SMOLLM_RECIPE), *REQUIRED])
+    assert (shipped.chunk_size, shipped.max_chunks, shipped.max_problem_tokens) == (64, 3, 64)
+
+
+def test_an_eval_settings_file_sets_every_eval_key(tmp_path):
+    path = tmp_path / "eval.yaml"
+    path.write_text(
+        yaml.safe_dump({"model": "m", "dataset": "d", "output_dir": "o", "temperature": 0.5, "seed": 7,
+                        "modes": ["agent", "full_context"], "prompt_column": "question", "chunk_size": 100}),
+        encoding="utf-8",
+    )  # fmt: skip
+    args, config = parse_eval_args(["--config", str(path), "--seed", "8"])
+    assert (args.model, args.dataset, args.output_dir, args.prompt_column) == ("m", "d", "o", "question")
+    assert (config.temperature, config.seed, config.chunk_size, config.modes) == (
+        0.5,
+        8,
+        100,
+        ("agent", "full_context"),
+    )
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--chunk_sise", "5"], "Unknown command-line option --chunk_sise (did you mean --chunk_size"),
+        (["--num_samples", "0"], "--num_samples must be an integer >= 1"),
+        (["--backend", "tgi"], "--backend must be one of transformers, vllm"),
+        (["--final_template", "no slots"], "final prompt template is missing {problem}, {memory}"),
+    ],
+)
+def test_bad_keys_and_values_are_one_line_errors(capsys, extra, message):
+    assert cli.main(["eval", "--model", "m", *REQUIRED, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memtrain eval: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_misspelt_key_in_a_recipe_is_refused(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model_name_or_path: m\nchunk_sise: 5\n", encoding="utf-8")
+    assert cli.main(["eval", "--config", str(path), *REQUIRED]) == 2
+    assert "chunk_sise (did you mean chunk_size" in capsys.readouterr().err
+
+
+def test_missing_required_settings_name_the_key(capsys):
+    assert cli.main(["eval", "--model", "m", "--dataset", "d"]) == 2
+    assert "--output_dir is required" in capsys.readouterr().err
