@@ -10,6 +10,7 @@ import torch
 import yaml
 from conftest import save_built_documents
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from test_hub import FakeHubServer
 
 from memtrain.configs import parse_recipe_args
@@ -98,11 +99,22 @@ def test_recipe_trains_a_lora_adapter_and_pushes_it_with_a_card(
     first = load_file(output_dir / "adapter_model.safetensors")
     again = {**recipe, "model_name_or_path": str(output_dir), "use_peft": False, "push_to_hub": False}
     again["output_dir"] = str(tmp_path / "continued")
+    again.update(save_strategy="steps", save_steps=1, run_name="tiny-continued")
     path.write_text(yaml.safe_dump(again), encoding="utf-8")
     main([str(path), "--learning_rate", "1e-2", "--reward_funcs", "answer_length", "memory_recall"])
     second = load_file(tmp_path / "continued" / "adapter_model.safetensors")
     assert first.keys() == second.keys()
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+    # Saved folders describe themselves without a push: the checkpoint as it is saved, the final folder after.
+    for folder in (tmp_path / "continued" / "checkpoint-1", tmp_path / "continued"):
+        local_card = ModelCard.load(folder / "README.md")
+        assert local_card.data.library_name == "peft" and "memtrain" in local_card.data.tags
+        text = local_card.text
+        assert "recipe `tiny-continued`" in text and str(output_dir) in text  # the recipe and its base model
+        assert "answer_length" in text and f'from_pretrained("{folder}")' in text  # loads from the folder itself
+    assert "| train_runtime |" in (tmp_path / "continued" / "README.md").read_text()
+    assert "| global_step | 1 |" in (tmp_path / "continued" / "checkpoint-1" / "README.md").read_text()
 
 
 def test_dataset_errors_name_the_problem(tmp_path):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, RepoCard
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from memtrain.preflight import HF_TOKEN_VALUE, is_secret_key
 
@@ -25,6 +27,7 @@ from memtrain.preflight import HF_TOKEN_VALUE, is_secret_key
 __all__ = [
     "MEMTRAIN_TAGS",
     "DEFAULT_IGNORE_PATTERNS",
+    "ModelCardCallback",
     "hub_card_template",
     "render_model_card",
     "push_built_dataset",
@@ -74,27 +77,20 @@ def _hub_id(value: str, what: str) -> str:
     return value
 
 
-def _packaged_model_names() -> set[str]:
-    """Names memtrain.models resolves to a GGUF shipped in a pip package: they look like Hub ids but are not."""
-    try:
-        from memtrain.models import PACKAGED_MODELS
-    except ImportError:
-        return set()
-    return {alias for name, model in PACKAGED_MODELS.items() for alias in (name, *model.aliases)}
-
-
 def _hub_ref(value: str | None, what: str, url_prefix: str) -> tuple[str | None, str]:
     """(the Hub id for the card's metadata or None, the Markdown reference for its text).
 
     A base model or dataset loaded from a local folder, a file or a packaged name is still named on the card, but it
     is kept out of the metadata, which the Hub reads as a link to an existing repo.
     """
+    from memtrain.models import packaged_model_name  # lazily: models imports trl
+
     if value is None:
         return None, f"a local {what} (not published)"
     try:
         validate_repo_id(value)
         is_local = Path(value).exists() or value.endswith((".gguf", ".json", ".jsonl", ".parquet"))
-        is_local = is_local or value in _packaged_model_names()
+        is_local = is_local or packaged_model_name(value) is not None
     except HFValidationError:
         is_local = True
     if is_local:
@@ -151,7 +147,7 @@ def _framework_versions() -> list[tuple[str, str]]:
 
 def render_model_card(
     *,
-    repo_id: str,
+    repo_id: str | None,
     base_model: str,
     recipe_name: str,
     recipe_yaml: str,
@@ -162,6 +158,7 @@ def render_model_card(
     language: str | Sequence[str] = "en",
     extra_tags: Sequence[str] = (),
     template: str = "model_card.md",
+    local_path: str | Path | None = None,
 ) -> ModelCard:
     """The model card of a trained checkpoint: Hub metadata, what MemTrain is, the recipe, metrics and usage.
 
@@ -170,7 +167,10 @@ def render_model_card(
     links; a local path or packaged name is named in the text only (with a warning). Secrets in ``recipe_yaml`` (token, api_key, password, ... values) are
     replaced by ``<redacted>``. ``metrics`` maps a metric name to its value (floats shown with 4 decimals).
     """
-    _hub_id(repo_id, "repo_id")
+    if repo_id is None and local_path is None:
+        raise ValueError("render_model_card needs the repo_id it is pushed to, or the local_path it is saved in.")
+    # A local folder's card (written at every save, before any push) loads the model from the folder itself.
+    model_ref = _hub_id(repo_id, "repo_id") if repo_id is not None else str(local_path)
     base_model_id, base_model_ref = _hub_ref(base_model, "base model", "")
     dataset_hub_id, dataset_ref = _hub_ref(dataset_id, "dataset", "datasets/")
     tags = list(dict.fromkeys([*MEMTRAIN_TAGS, *(["lora", "peft"] if is_adapter else []), *extra_tags]))
@@ -182,14 +182,14 @@ def render_model_card(
         license=license,
         language=[language] if isinstance(language, str) else list(language),
         pipeline_tag="text-generation",
-        model_name=repo_id.split("/")[-1],
+        model_name=model_ref.rstrip("/").split("/")[-1],
     )
     recipe = _redact_secrets(recipe_yaml.strip("\n"))
     rows = [(str(name).replace("|", "\\|"), _format_metric(value)) for name, value in metrics.items()]
     return ModelCard.from_template(
         card_data,
         template_path=str(hub_card_template(template)),
-        repo_id=repo_id,
+        repo_id=model_ref,
         recipe_name=recipe_name,
         recipe_yaml=recipe,
         recipe_fence=_code_fence(recipe),
@@ -260,3 +260,45 @@ def push_built_dataset(
         )  # fmt: skip
     except Exception as error:
         raise push_failed(error, output_dir, repo_id, repo_type="dataset") from error
+
+
+class ModelCardCallback(TrainerCallback):
+    """Writes the memtrain model card (``README.md``) into every checkpoint folder as it is saved.
+
+    A checkpoint folder then says what it is (base model, adapter or full weights, data, the recipe, the metrics
+    logged so far) without a push; :meth:`write` does the same for the final ``output_dir`` after ``save_model``.
+    It runs after the save, so it replaces the generic card PEFT writes next to an adapter.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_model: str,
+        recipe_name: str,
+        recipe_yaml: str,
+        dataset_id: str | None,
+        is_adapter: bool,
+        repo_id: str | None = None,
+    ) -> None:
+        self.card_kwargs = {
+            "base_model": base_model, "recipe_name": recipe_name, "recipe_yaml": recipe_yaml,
+            "dataset_id": dataset_id, "is_adapter": is_adapter,
+        }  # fmt: skip
+        self.repo_id = repo_id
+
+    def write(self, folder: str | Path, metrics: Mapping[str, object]) -> Path:
+        """Render the card for ``folder`` (loaded from the folder itself unless a Hub repo id was given)."""
+        card = render_model_card(repo_id=self.repo_id, local_path=folder, metrics=metrics, **self.card_kwargs)
+        path = Path(folder) / "README.md"
+        path.write_text(str(card), encoding="utf-8")
+        return path
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return control
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            latest = next((entry for entry in reversed(state.log_history) if "loss" in entry), {})
+            metrics = {k: v for k, v in latest.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.write(folder, {"global_step": state.global_step, **metrics})
+        return control

@@ -52,6 +52,8 @@ def load_training_dataset(name: str, config: str | None = None, split: str = "tr
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     path = Path(name).expanduser()
+    if (path / "dataset").is_dir():  # a memtrain build: its save_to_disk copy (load_dataset's cache can be stale)
+        path = path / "dataset"
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
             loaded = load_from_disk(str(path))
@@ -196,6 +198,10 @@ def train(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    secrets = [s for s in (hub_token, os.environ.get("HF_TOKEN")) if s]
+    recipe = scrub_secrets(recipe, secrets) if recipe is not None else None
+    card = model_card_callback(trainer, training_args, model_args, script_args, recipe)
+    trainer.add_callback(card)  # every checkpoint folder gets its README.md model card as it is saved
 
     if checkpoint is not None:
         logger.info("Resuming from checkpoint %s", checkpoint)
@@ -205,8 +211,8 @@ def train(
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
-    secrets = [s for s in (hub_token, os.environ.get("HF_TOKEN")) if s]
-    recipe = scrub_secrets(recipe, secrets) if recipe is not None else None
+    if trainer.accelerator.is_main_process:
+        card.write(training_args.output_dir, metrics)
     if recipe is not None and trainer.accelerator.is_main_process:
         Path(training_args.output_dir, "memtrain_recipe.yaml").write_text(
             "# Re-run with: python scripts/run_grpo.py memtrain_recipe.yaml (credentials are never saved: log in "
@@ -246,6 +252,46 @@ def run_warm_start(model, tokenizer, train_dataset: Dataset, agent_config: Agent
         logger.info("Warm start loss: first batch %.3f, last batch %.3f", losses[0], losses[-1])
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     Path(args.output_dir, "warm_start_losses.json").write_text(json.dumps(losses), encoding="utf-8")
+
+
+def model_card_callback(trainer, training_args, model_args, script_args, recipe):
+    """The callback that writes the model card into each saved folder (memtrain.hub.ModelCardCallback)."""
+    from memtrain.hub import ModelCardCallback
+
+    return ModelCardCallback(
+        base_model=model_args.model_name_or_path,
+        recipe_name=(recipe or {}).get("run_name") or Path(training_args.output_dir).name,
+        recipe_yaml=yaml.safe_dump(recipe or {}, sort_keys=False),
+        dataset_id=script_args.dataset_name,
+        is_adapter=hasattr(trainer.model, "peft_config"),
+    )
+
+
+def train_with_recipe(recipe: str | Path, overrides: dict[str, Any]) -> Path:
+    """Run ``scripts/run_grpo.py recipe --key value ...`` in process; returns the output folder."""
+    from memtrain.configs import parse_recipe_args
+
+    argv = [str(recipe)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", *map(str, value)] if isinstance(value, (list, tuple)) else [f"--{key}", str(value)]
+    script_args, agent_config, training_args, model_args = parse_recipe_args(argv)
+    train(script_args, agent_config, training_args, model_args, recipe=recipe_record(argv))
+    return Path(training_args.output_dir)
+
+
+def warm_start_checkpoint(recipe: str | Path, train_rows: Dataset, output_dir: str | Path) -> Path:
+    """Apply the recipe's warm start to its model and save the result (the common start of benchmark arms)."""
+    from memtrain.configs import parse_recipe_args
+    from memtrain.models import load_from_model_config
+
+    _, agent_config, training_args, model_args = parse_recipe_args([str(recipe), "--output_dir", str(output_dir)])
+    if not training_args.warm_start_examples:
+        raise ValueError(f"{recipe} sets no warm_start_examples; there is no warm start to apply.")
+    model, tokenizer = load_from_model_config(model_args, peft_config=None)
+    run_warm_start(model, tokenizer, train_rows, agent_config, training_args)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return Path(output_dir)
 
 
 def push_trained_model(
