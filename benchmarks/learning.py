@@ -30,16 +30,9 @@ import time
 from pathlib import Path
 
 from memtrain.configs import parse_recipe_args
-from memtrain.demo import (
-    DEMO_METRICS,
-    HeldOutEval,
-    ensure_dataset,
-    evaluate_held_out,
-    per_document,
-    split_held_out,
-    train_with_recipe,
-    warm_start_checkpoint,
-)
+from memtrain.data.build import ensure_dataset, split_held_out
+from memtrain.demo import DEMO_METRICS, HeldOutEval, evaluate_held_out, per_document
+from memtrain.train import train_with_recipe, warm_start_checkpoint
 
 
 OBJECTIVES = {

@@ -10,13 +10,8 @@ import yaml
 from conftest import save_built_documents
 from datasets import Dataset
 
-from memtrain.demo import (
-    DemoArguments,
-    per_document,
-    run_demo,
-    save_reward_curves,
-    split_held_out,
-)
+from memtrain.data.build import split_held_out
+from memtrain.demo import DemoArguments, per_document, run_demo, save_reward_curves
 
 
 @pytest.fixture

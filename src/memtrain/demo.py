@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 
 from memtrain.agent.memory_agent import AgentConfig
+from memtrain.data.build import ensure_dataset, split_held_out
 from memtrain.plots import save_reward_curves
+from memtrain.train import train_with_recipe
 
 
 logger = logging.getLogger(__name__)
@@ -27,13 +29,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEMO_METRICS",
     "HeldOutEval",
-    "ensure_dataset",
     "evaluate_held_out",
     "per_document",
     "save_reward_curves",
-    "split_held_out",
-    "train_with_recipe",
-    "warm_start_checkpoint",
     "write_demo_report",
 ]
 
@@ -44,30 +42,6 @@ DEMO_METRICS = (
     ("masked_entity_lenient", "masked-entity EM"),
     ("masked_entity_f1", "masked-entity F1"),
 )
-
-
-def ensure_dataset(data_recipe: str | Path, dataset_dir: str | Path) -> Dataset:
-    """The built documents at ``dataset_dir`` (a ``save_to_disk`` folder), building them with the recipe if absent."""
-    dataset_dir = Path(dataset_dir)
-    if not (dataset_dir / "dataset_info.json").is_file():
-        from memtrain.data.build import main as build_main
-
-        logger.info("Building MemTrain documents with %s", data_recipe)
-        build_main([str(data_recipe)])
-    if not (dataset_dir / "dataset_info.json").is_file():
-        raise FileNotFoundError(
-            f"{dataset_dir} holds no dataset after building with {data_recipe}: point --dataset at the recipe's "
-            "output_dir + '/dataset'."
-        )
-    return load_from_disk(str(dataset_dir))
-
-
-def split_held_out(dataset: Dataset, num_held_out: int) -> tuple[Dataset, Dataset]:
-    """(training rows, held-out rows): the last ``num_held_out`` rows are held out."""
-    if not 0 < num_held_out < len(dataset):
-        raise ValueError(f"Need 0 < held-out documents < {len(dataset)} (the dataset's rows), got {num_held_out}.")
-    cut = len(dataset) - num_held_out
-    return dataset.select(range(cut)), dataset.select(range(cut, len(dataset)))
 
 
 @dataclass
@@ -127,35 +101,6 @@ def per_document(run: dict[str, Any], metric: str) -> list[float]:
         scores = [s[metric] for s in prediction["scores"] or [] if metric in s]
         values.append(sum(scores) / len(scores) if scores else float("nan"))
     return values
-
-
-def train_with_recipe(recipe: str | Path, overrides: dict[str, Any]) -> Path:
-    """Run ``scripts/run_grpo.py recipe --key value ...`` in process; returns the output folder."""
-    from memtrain.configs import parse_recipe_args
-    from memtrain.train import recipe_record, train
-
-    argv = [str(recipe)]
-    for key, value in overrides.items():
-        argv += [f"--{key}", *map(str, value)] if isinstance(value, (list, tuple)) else [f"--{key}", str(value)]
-    script_args, agent_config, training_args, model_args = parse_recipe_args(argv)
-    train(script_args, agent_config, training_args, model_args, recipe=recipe_record(argv))
-    return Path(training_args.output_dir)
-
-
-def warm_start_checkpoint(recipe: str | Path, train_rows: Dataset, output_dir: str | Path) -> Path:
-    """Apply the recipe's warm start to its model and save the result (the common start of benchmark arms)."""
-    from memtrain.configs import parse_recipe_args
-    from memtrain.models import load_from_model_config
-    from memtrain.train import run_warm_start
-
-    _, agent_config, training_args, model_args = parse_recipe_args([str(recipe), "--output_dir", str(output_dir)])
-    if not training_args.warm_start_examples:
-        raise ValueError(f"{recipe} sets no warm_start_examples; there is no warm start to apply.")
-    model, tokenizer = load_from_model_config(model_args, peft_config=None)
-    run_warm_start(model, tokenizer, train_rows, agent_config, training_args)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return Path(output_dir)
 
 
 def _cell(value: float) -> str:
