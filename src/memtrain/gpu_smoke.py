@@ -13,6 +13,16 @@ Everything is built locally: a tiny random Qwen2 and a byte-level BPE chat token
 The in-process cases answer model calls with a fixed script (the two rollouts of a document get one right and one
 wrong final answer), so every step has a non-zero advantage and the adapter must move; ``run_grpo_qlora`` generates
 for real. Recall probes are off (reward ``masked_entity_em`` only): they need spaCy, which the GPU image lacks.
+
+On a machine with only torch, transformers, accelerate and peft (plus pyarrow, pandas, fsspec, xxhash), carry five
+wheels (~45 MB): trl and datasets (TRL's GRPOTrainer and memtrain.train import ``datasets`` at module level), dill and
+multiprocess (datasets' needs), and bitsandbytes (without it the NF4 cases are skipped)::
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+        trl==1.16.0 bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+    # there: pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site \
+    #     python scripts/gpu_smoke.py
 """
 
 from __future__ import annotations
