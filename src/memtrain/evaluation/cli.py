@@ -17,8 +17,8 @@ from pathlib import Path
 from memtrain.configs import RecipeError, parse_settings
 from memtrain.evaluation.backend import load_generator, require_backend
 from memtrain.evaluation.config import EvalArguments, EvalConfig
-from memtrain.evaluation.data import build_longqa_rows, check_rows, load_rows
-from memtrain.evaluation.harness import evaluate
+from memtrain.evaluation.data import build_longqa_rows, load_rows, map_columns, prepare_rows
+from memtrain.evaluation.harness import check_resume, evaluate
 from memtrain.evaluation.report import PLOT_PNG, RESULTS_JSON, RESULTS_MD, render_markdown
 
 
@@ -44,8 +44,16 @@ def run_eval(argv: Sequence[str] | None = None, prog: str = "memtrain eval") -> 
     if args.longqa_num_docs:
         rows = build_longqa_rows(args.dataset, args.longqa_num_docs, args.longqa_num_questions, config.seed)
     else:
-        rows = load_rows(args.dataset)
-    check_rows(rows, config.task, args.dataset)
+        rows = load_rows(args.dataset, args.dataset_config, args.dataset_split)
+    rows = map_columns(rows, args.dataset, args.prompt_column, args.context_column, args.answers_column)
+    rows = prepare_rows(rows, config, args.dataset)  # every row checked before the model loads
+    extra = {"model": args.model, "base_url": args.base_url, "backend": args.backend, "dataset": str(args.dataset),
+             "dataset_config": args.dataset_config, "dataset_split": args.dataset_split,
+             "columns": [args.prompt_column, args.context_column, args.answers_column]}  # fmt: skip
+    output_dir = Path(args.output_dir)
+    label = args.label or args.model
+    if not args.overwrite:
+        check_resume(output_dir, label, config, extra)  # other settings in --output_dir: refused before the load
     retriever = config.build_retriever() if config.task == "search" else None
 
     start = time.perf_counter()
@@ -60,9 +68,7 @@ def run_eval(argv: Sequence[str] | None = None, prog: str = "memtrain eval") -> 
         vllm_max_model_length=args.vllm_max_model_length,
     )
     loaded = time.perf_counter()
-    extra = {"model": args.model, "base_url": args.base_url, "backend": args.backend, "dataset": str(args.dataset)}
-    output_dir = Path(args.output_dir)
-    results = evaluate(rows, tokenizer, generator, config, output_dir, args.label or args.model, retriever, extra)
+    results = evaluate(rows, tokenizer, generator, config, output_dir, label, retriever, extra, args.overwrite)
     print(
         f"[memtrain eval] model ready in {loaded - start:.1f}s, evaluated in {time.perf_counter() - loaded:.1f}s; "
         f"wrote {output_dir / RESULTS_JSON}, {RESULTS_MD}, {PLOT_PNG}",

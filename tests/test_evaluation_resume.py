@@ -1,0 +1,94 @@
+"""A long evaluation shows its progress and resumes from the rows already scored; other settings never mix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memtrain.evaluation import EvalConfig, evaluate
+from memtrain.evaluation.harness import SCORED_ROWS, ResumeError
+
+
+ROWS = [
+    {"id": f"r{i}", "prompt": "Who met Bob?", "context": f"Ann met Bob in Oslo in {1990 + i}. " * 10,
+     "answers": ["Ann"], "num_docs": 2}
+    for i in range(3)
+]  # fmt: skip
+CONFIG = EvalConfig(chunk_size=48, max_chunks=2, max_memory_tokens=4, max_answer_tokens=3, batch_size=1,
+                    temperature=1.0, seed=5, num_trajectory_pages=0)  # fmt: skip
+
+
+@pytest.fixture
+def generator(tokenizer):
+    """The real tiny model; counts the prompts it is sent (a resumed run must not redo scored rows)."""
+    from conftest import build_tiny_model
+
+    from memtrain.agent.generation import TransformersGenerator
+
+    class Counting(TransformersGenerator):
+        prompts = 0
+
+        def generate(self, prompt_ids, n=1, sampling=None):
+            self.prompts += len(prompt_ids)
+            return super().generate(prompt_ids, n=n, sampling=sampling)
+
+    return Counting(build_tiny_model(tokenizer, seed=0), tokenizer)
+
+
+def replies(results):
+    return [p["replies"] for p in results["runs"][0]["predictions"]]
+
+
+def test_a_killed_evaluation_resumes_from_its_scored_rows(tmp_path, tokenizer, generator, capsys):
+    full = evaluate(ROWS, tokenizer, generator, CONFIG, tmp_path / "full", label="tiny")
+    err = capsys.readouterr().err
+    assert "tiny/agent: 1/3 rows (33%)" in err and "3/3 rows (100%)" in err and "ETA" in err
+    per_row = generator.prompts / 3
+
+    # a kill after the first row, in the middle of writing the second
+    lines = (tmp_path / "full" / SCORED_ROWS).read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / SCORED_ROWS).write_text(lines[0] + "\n" + lines[1][:40], encoding="utf-8")
+    generator.prompts = 0
+    resumed = evaluate(ROWS, tokenizer, generator, CONFIG, tmp_path / "killed", label="tiny")
+    assert "resuming: 1/3 rows already scored" in capsys.readouterr().err
+    assert generator.prompts == 2 * per_row  # only the two rows not scored yet were run
+    assert replies(resumed) == replies(full)  # seeded per batch: the same samples as the uninterrupted run
+    assert resumed["runs"][0]["metrics"] == full["runs"][0]["metrics"]
+
+    # all scored: a rerun only rewrites the reports
+    generator.prompts = 0
+    evaluate(ROWS, tokenizer, generator, CONFIG, tmp_path / "killed", label="tiny")
+    assert generator.prompts == 0
+
+
+def test_other_settings_are_refused_unless_overwrite(tmp_path, tokenizer, generator):
+    evaluate(ROWS[:1], tokenizer, generator, CONFIG, tmp_path, label="tiny")
+    other = EvalConfig(**{**CONFIG.__dict__, "temperature": 0.5, "modes": ("agent",)})
+    with pytest.raises(ResumeError, match=r"scored_rows.jsonl holds 1 rows of 'tiny' .* \(changed: temperature\)"):
+        evaluate(ROWS[:1], tokenizer, generator, other, tmp_path, label="tiny")
+    # another model into the same folder is not a conflict
+    evaluate(ROWS[:1], tokenizer, generator, other, tmp_path, label="other")
+    results = evaluate(ROWS[:1], tokenizer, generator, other, tmp_path, label="tiny", overwrite=True)
+    assert results["runs"][-1]["settings"]["temperature"] == 0.5
+    records = [json.loads(line) for line in (tmp_path / SCORED_ROWS).read_text().splitlines()]
+    assert sorted((r["label"], r["settings"]["temperature"]) for r in records) == [("other", 0.5), ("tiny", 0.5)]
+
+
+def test_the_cli_refuses_mixed_settings_before_loading_the_model(tmp_path, capsys):
+    from memtrain.cli import main
+
+    dataset = tmp_path / "rows.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in ROWS), encoding="utf-8")
+    record = {"label": "/no/model", "mode": "agent", "task": "longqa", "fingerprint": "0", "settings": {"seed": 1},
+              "index": 0, "id": "r0", "replies": ["x"], "scores": [{"em": 0.0}], "seconds": 0.1}  # fmt: skip
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / SCORED_ROWS).write_text(json.dumps(record) + "\n", encoding="utf-8")
+    argv = ["eval", "--model", "/no/model", "--dataset", str(dataset), "--output_dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "memtrain eval: error: " in err and "scored_rows.jsonl holds 1 rows" in err and "seed" in err
+    assert "--overwrite true" in err
+    assert len(err.strip().splitlines()) == 1
