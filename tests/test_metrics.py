@@ -140,3 +140,35 @@ def test_masked_entity_match_is_case_and_space_insensitive_only():
     assert masked_entity_match("Marie Curie.", "Marie Curie", lenient=True)
     # several accepted spellings
     assert masked_entity_match(r"\boxed{NYC}", ["New York City", "NYC"])
+
+
+def test_the_evaluate_module_loads_offline_and_agrees_with_the_harness(tmp_path, monkeypatch):
+    """`evaluate.load(EVALUATE_MODULE)` with no Hub: the harness's per-reply scores, averaged, are its results."""
+    import evaluate
+
+    from memtrain.evaluation import score_prediction
+    from memtrain.metrics import EVALUATE_MODULE
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    metric = evaluate.load(EVALUATE_MODULE)
+    predictions = [
+        "\\boxed{The Eiffel Tower.}",
+        "\\boxed{near the Eiffel Tower Paris}",
+        "Answer: Lyon",
+        "\\boxed{Bonn}",
+    ]
+    references = [["Eiffel Tower"], ["Eiffel Tower", "Tour Eiffel"], ["Lyon"], ["Bonn"]]
+    result = metric.compute(predictions=predictions, references=references)
+    longqa = [score_prediction("longqa", p, r) for p, r in zip(predictions, references)]
+    memtrain = [score_prediction("memtrain", p, r) for p, r in zip(predictions, references)]
+    mean = lambda rows, key: sum(row[key] for row in rows) / len(rows)  # noqa: E731
+    assert result["em"] == pytest.approx(mean(longqa, "em")) == pytest.approx(3 / 4)
+    assert result["sub_em"] == pytest.approx(mean(longqa, "accuracy")) == pytest.approx(1.0)
+    # F1: 1, 2/3 (near-the-eiffel-tower-paris vs eiffel tower), 1, 1
+    assert result["f1"] == pytest.approx(mean(longqa, "f1")) == pytest.approx((3 + 2 / 3) / 4)
+    # masked-entity: only the exact boxed entities (`The Eiffel Tower.` keeps its article and full stop)
+    assert result["masked_entity"] == pytest.approx(mean(memtrain, "masked_entity_strict")) == pytest.approx(1 / 4)
+    assert result["masked_entity_lenient"] == pytest.approx(mean(memtrain, "masked_entity_lenient")) == 0.5
+    strict = metric.compute(predictions=predictions, references=references, extraction="strict")
+    assert strict["em"] == pytest.approx(2 / 4)  # "Answer: Lyon" has no box

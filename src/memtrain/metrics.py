@@ -1,6 +1,10 @@
 """Answer extraction and answer metrics: SQuAD EM / sub-EM / F1 and the paper's masked-entity match.
 
-Implemented here because ``evaluate.load("squad")`` needs the Hub. Two families of comparison live side by side and
+Implemented here because ``evaluate.load("squad")`` needs the Hub. The same metrics ship as an ``evaluate`` module
+that loads offline: ``evaluate.load(memtrain.metrics.EVALUATE_MODULE)`` (``resources/metrics/memtrain_qa``; it calls
+these functions). The evaluation harness calls these functions directly, per reply, because it aggregates per
+sample, per row and per length bucket (``evaluate``'s ``compute`` returns one mean per call and writes Arrow cache
+files); tests/test_metrics.py checks that the module and the harness agree. Two families of comparison live side by side and
 must not be mixed up:
 
 - SQuAD-normalised metrics (:func:`exact_match`, :func:`substring_match`, :func:`f1_score`) for long-text QA and
@@ -15,6 +19,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 
@@ -26,7 +31,11 @@ __all__ = [
     "extract_boxed",
     "extract_answer",
     "masked_entity_match",
+    "EVALUATE_MODULE",
 ]
+
+# `evaluate.load(EVALUATE_MODULE)`: EM, sub-EM, F1 and masked-entity match as a Hugging Face `evaluate` module.
+EVALUATE_MODULE = str(Path(__file__).resolve().parent / "resources" / "metrics" / "memtrain_qa")
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
