@@ -98,3 +98,72 @@ def test_a_misspelt_key_in_a_recipe_is_refused(tmp_path, capsys):
 def test_missing_required_settings_name_the_key(capsys):
     assert cli.main(["eval", "--model", "m", "--dataset", "d"]) == 2
     assert "--output_dir is required" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("memtrain.evaluation.backend").evaluation.backend.vllm_installed(), reason="vLLM here")
+@pytest.mark.parametrize("command", ["eval", "read"])
+def test_backend_vllm_without_vllm_is_one_clear_line(command, capsys):
+    extra = REQUIRED if command == "eval" else ["--context_file", "x.txt", "--question", "q"]
+    assert cli.main([command, "--model", "m", *extra, "--backend", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert f"memtrain {command}: error: --backend vllm: vLLM is not installed: `pip install memtrain[vllm]`" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+class EngineBuilt(Exception):
+    """Raised by the stand-in engine: the wiring reached the vLLM call."""
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A stand-in for the vLLM package (it needs a GPU): records what `vllm.LLM` is built with, then stops."""
+    import dataclasses
+    import importlib.machinery
+    import sys
+    import types
+
+    built: dict = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            built.update(kwargs)
+            raise EngineBuilt
+
+    @dataclasses.dataclass
+    class EngineArgs:
+        logprobs_mode: str = "raw_logprobs"
+
+    modules = {name: types.ModuleType(name) for name in ("vllm", "vllm.engine", "vllm.engine.arg_utils")}
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    modules["vllm"].LLM = LLM
+    modules["vllm.engine.arg_utils"].EngineArgs = EngineArgs
+    monkeypatch.setattr("memtrain.evaluation.backend.vllm_installed", lambda: True)
+    return built
+
+
+def test_backend_vllm_builds_the_in_process_engine(fake_vllm, tiny_checkpoint, tmp_path):
+    """`memtrain read/eval --backend vllm` reach `vllm.LLM` with the model folder and the engine settings."""
+    context = tmp_path / "c.txt"
+    context.write_text("Ann met Bob in Oslo.", encoding="utf-8")
+    argv = ["read", "--model", str(tiny_checkpoint), "--context_file", str(context), "--question", "Who?",
+            "--backend", "vllm", "--vllm_gpu_memory_utilization", "0.5", "--vllm_max_model_length", "2048",
+            "--seed", "3"]  # fmt: skip
+    with pytest.raises(EngineBuilt):
+        cli.main(argv)
+    assert fake_vllm["model"] == str(tiny_checkpoint)
+    assert (fake_vllm["gpu_memory_utilization"], fake_vllm["max_model_len"], fake_vllm["seed"]) == (0.5, 2048, 3)
+    assert fake_vllm["logprobs_mode"] == "raw_logprobs"
+
+    fake_vllm.clear()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "Who?", "context": "Ann met Bob.", "answers": ["Ann"]}\n', encoding="utf-8")
+    with pytest.raises(EngineBuilt):
+        cli.main(["eval", "--model", str(tiny_checkpoint), "--dataset", str(rows), "--output_dir",
+                  str(tmp_path / "out"), "--backend", "vllm", "--seed", "4"])  # fmt: skip
+    assert (fake_vllm["model"], fake_vllm["seed"], fake_vllm["gpu_memory_utilization"]) == (
+        str(tiny_checkpoint),
+        4,
+        0.9,
+    )
