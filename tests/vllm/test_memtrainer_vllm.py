@@ -1,0 +1,93 @@
+"""Two real MemTrainer steps through TRL's colocated vLLM engine (CPU build), sleep mode on.
+
+Every model call of a step (memory updates, final answers, recall answers) goes through TRL's
+``_generate_single_turn`` into a real ``vllm.LLM`` (external launcher, in process). Checked: one weight sync per
+optimizer step whatever the number of calls, and that the synced engine samples from the policy being trained:
+TRL's importance-sampling statistics (vLLM's sampling log-probs against the trainer's) stay at ratio ~1 in step 2,
+after the optimizer has moved the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from cpu_shims import build_documents_in_subprocess
+
+
+AGENT = dict(chunk_size=48, max_chunks=2, max_problem_tokens=64, max_memory_tokens=8, max_answer_tokens=6)
+
+
+def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama over the real SmolLM2 tokenizer, shaped for vLLM's CPU attention (head size 32)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from memtrain.models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def answer_length_reward(completions, **kwargs) -> list[float]:
+    """A reward with spread on a random model (the answer's length), so every group trains."""
+    return [float(len(text)) / 10 for text in completions]
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    from datasets import Dataset
+
+    folder = build_documents_in_subprocess(tmp_path_factory.mktemp("docs") / "docs", 2, 300, 7)
+    return Dataset.load_from_disk(str(folder))
+
+
+def test_two_steps_one_sync_each_and_importance_sampling_logged(trl_colocate_on_cpu, documents, tmp_path):
+    from memtrain.agent.memory_agent import AgentConfig
+    from memtrain.agent.recall import default_entity_tools
+    from memtrain.configs import MemTrainConfig
+    from memtrain.rewards import REWARD_FUNCS
+    from memtrain.trainer import MemTrainer
+    from memtrain.vllm_rollouts import sync_counter
+
+    checkpoint = save_tiny_llama(tmp_path / "tiny")
+    args = MemTrainConfig(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_generations=2, recall_samples=2,
+        max_steps=2, learning_rate=1e-2, warmup_steps=0, beta=0.0, scale_rewards="none", logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, lenient_recall=True,
+        reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
+        use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=1024,
+        vllm_importance_sampling_correction=True,
+    )  # fmt: skip
+    trainer = MemTrainer(
+        model=str(checkpoint), args=args, agent_config=AgentConfig(**AGENT), train_dataset=documents,
+        entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
+    )  # fmt: skip
+    assert type(trainer.vllm_generation.llm).__name__ == "LLM"  # a real engine, not a stand-in
+    counter = sync_counter(trainer.vllm_generation)
+    calls_before = trainer.generator.calls
+    trainer.train()
+
+    # 2 chunk steps + the final answer + the recall answers: several engine calls per step, one sync each step
+    # (every sync_weights call counts, whoever makes it).
+    assert (trainer.generator.calls - calls_before) / 2 >= 4
+    assert counter.count == 2
+    logs = [entry for entry in trainer.state.log_history if "vllm/weight_syncs" in entry]
+    assert [entry["step"] for entry in logs] == [1, 2]
+    assert [entry["vllm/weight_syncs"] for entry in logs] == [1.0, 1.0]
+    for entry in logs:
+        ratio = entry["sampling/importance_sampling_ratio/mean"]
+        assert math.isfinite(ratio) and entry["vllm/sync_seconds"] > 0
+        # vLLM sampled from the weights being trained (fp32 both sides): log-probs agree, the IS ratio is 1.
+        difference = entry["sampling/sampling_logp_difference/mean"]
+        assert abs(ratio - 1.0) < 1e-3 and difference < 1e-3, (entry["step"], ratio, difference)

@@ -1,0 +1,81 @@
+"""memtrain's own in-process vLLM backend (``VLLMGenerator``) for real: the packaged SmolLM2-135M-Instruct on vLLM's
+CPU build, driven by the memory agent's loop (one engine call per step, each on the previous step's memory)."""
+
+from __future__ import annotations
+
+import pytest
+from cpu_shims import build_documents_in_subprocess
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory):
+    from datasets import Dataset
+
+    folder = build_documents_in_subprocess(tmp_path_factory.mktemp("docs") / "docs", 2, 300, 11)
+    return Dataset.load_from_disk(str(folder))
+
+
+@pytest.fixture(scope="module")
+def generator():
+    from memtrain.agent.vllm_backend import VLLMGenerator
+
+    # float32: vLLM downcasts a float32 checkpoint to bf16 under dtype="auto"; the comparison below is exact in fp32.
+    engine = VLLMGenerator(model="smollm2-135m", max_model_len=2048, seed=0, dtype="float32", enforce_eager=True)
+    yield engine
+    shutdown = getattr(engine.llm.llm_engine.engine_core, "shutdown", None)
+    if shutdown is not None:  # stop the engine's core process now, not at interpreter exit
+        shutdown()
+
+
+def hf_logprobs(model, prompt: list[int], completion: list[int]) -> list[float]:
+    """log_softmax of the raw logits at each completion token, by transformers (the trainer's side of the ratio)."""
+    import torch
+
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None])[:, 0].tolist()
+
+
+def test_memory_agent_rollout_on_vllm_with_raw_logprobs(generator, documents):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memtrain.agent.generation import SamplingConfig
+    from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
+    from memtrain.models import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = AgentConfig(
+        chunk_size=160, max_chunks=2, max_problem_tokens=64, max_memory_tokens=24, max_answer_tokens=12
+    )
+    agent = MemoryAgent(tokenizer, generator, config)
+    sampling = SamplingConfig(max_new_tokens=24, seed=5)
+    rows = list(documents)
+    trajectories = agent.rollout([r["context"] for r in rows], [r["prompt"] for r in rows], n=2, sampling=sampling)
+
+    assert len(trajectories) == 4
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    worst = 0.0
+    for trajectory in trajectories:
+        kinds = [call.kind for call in trajectory.calls]
+        assert kinds == ["update"] * trajectory.num_chunks + ["final"]
+        for call in trajectory.calls:
+            budget = config.max_memory_tokens if call.kind == "update" else config.max_answer_tokens
+            assert 0 < len(call.completion_ids) <= budget
+            assert call.logprobs is not None and len(call.logprobs) == len(call.completion_ids)
+            assert all(lp <= 0.0 for lp in call.logprobs)
+            expected = hf_logprobs(reference, call.prompt_ids, call.completion_ids)
+            worst = max(worst, max(abs(a - b) for a, b in zip(call.logprobs, expected)))
+        # Each step reads the previous step's memory: the update at step t+1 was prompted with memory t.
+        for step, call in enumerate(trajectory.calls[1:], start=1):
+            memory = trajectory.memories[step]
+            if memory:
+                assert memory in tokenizer.decode(call.prompt_ids)
+    # vLLM's raw log-probs (fp32, CPU) are the model's own: they match transformers' forward pass.
+    assert worst < 1e-3, worst
+
+    # A seeded rollout is reproducible on the engine, and a group's copies sample differently.
+    again = agent.rollout([r["context"] for r in rows], [r["prompt"] for r in rows], n=2, sampling=sampling)
+    assert [t.calls[0].completion_ids for t in again] == [t.calls[0].completion_ids for t in trajectories]
+    assert trajectories[0].calls[0].completion_ids != trajectories[1].calls[0].completion_ids
