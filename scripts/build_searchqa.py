@@ -1,4 +1,8 @@
-"""Search-QA rows for MEM1-style training: `python scripts/build_searchqa.py --questions nq.jsonl hotpot.json ...`."""
+"""Search-QA rows for MEM1-style training: `python scripts/build_searchqa.py --questions nq.jsonl hotpot.json ...`.
+
+Settings come as `--key value` or from a YAML file (positional or `--config`; the command line wins); `--help` lists
+every key with its default. See memtrain.data.searchqa.SearchQABuildArguments.
+"""
 
 from memtrain.data.searchqa import main
 

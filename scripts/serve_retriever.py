@@ -1,6 +1,7 @@
 """Serve a passage corpus for the search agent: POST /retrieve {"queries": [...], "topk": 3}.
 
     python scripts/serve_retriever.py --corpus wiki-18.jsonl --port 8000 [--method dense --embedding_model minilm]
+    python scripts/serve_retriever.py serve.yaml --port 8001   # settings from a YAML file, the command line wins
 
 Training processes then use ``memtrain.retrieval.RemoteRetriever("http://127.0.0.1:8000")`` (it retries resets with
 backoff and splits batches). Each request is bounded: ``--max_queries`` (512) queries, ``--max_body_bytes`` (1 MiB),
