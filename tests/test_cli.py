@@ -204,3 +204,24 @@ def test_train_whose_push_fails_is_a_one_line_error(tiny_checkpoint, tmp_path, m
     err = capsys.readouterr().err
     assert "memtrain train: error: the run finished and" in err and "Traceback" not in err
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "command,keys",
+    [
+        ("read", ["--model", "--context_file", "--question", "--chunk_size", "--max_problem_tokens", "--backend"]),
+        ("eval", ["--model", "--dataset", "--dataset_config", "--prompt_column", "--output_dir", "--chunk_size"]),
+        ("train", ["--model_name_or_path", "--dataset_name", "--chunk_size", "--recall_samples", "--search_topk"]),
+        ("build-data", ["--output_dir"]),
+        ("build-longqa", ["--output_dir"]),
+        ("build-searchqa", ["--questions", "--num_rows", "--output_dir"]),
+        ("serve-retriever", ["--corpus", "--method", "--port", "--topk"]),
+    ],
+)
+def test_every_entry_point_help_exits_0_and_lists_its_keys(capsys, command, keys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    missing = [key for key in keys if key not in out]
+    assert not missing, f"memtrain {command} --help does not list {missing}"

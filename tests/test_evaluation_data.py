@@ -111,7 +111,7 @@ SMALL = dict(chunk_size=64, max_chunks=3, max_memory_tokens=5, max_answer_tokens
 
 def test_read_once_reads_a_document_once_for_all_its_questions(tokenizer, generator):
     rows = prepare_rows(map_columns(MULTI, "x", prompt="questions"), EvalConfig())
-    output = Evaluator(tokenizer, generator, EvalConfig(**SMALL)).run(rows, "agent")
+    output = Evaluator(tokenizer, generator, EvalConfig(**SMALL, multi_question="read_once")).run(rows, "agent")
     (read,) = output.trajectories[0]  # one read for both questions of "doc"
     assert output.trajectories[1] == []
     assert "Who met Bob?" in read.problem and "Which river flows through Lyon?" in read.problem
@@ -121,7 +121,7 @@ def test_read_once_reads_a_document_once_for_all_its_questions(tokenizer, genera
     (single,) = output.trajectories[2]
     assert single.problem == "Where did Ann meet Bob?" and output.replies[2] == [single.answer]
 
-    expanded = Evaluator(tokenizer, generator, EvalConfig(**SMALL, multi_question="expand")).run(rows, "agent")
+    expanded = Evaluator(tokenizer, generator, EvalConfig(**SMALL)).run(rows, "agent")  # the default: expand
     assert [len(group) for group in expanded.trajectories] == [1, 1, 1]
     assert [group[0].problem for group in expanded.trajectories] == [r["prompt"] for r in rows]
 
@@ -142,9 +142,12 @@ def test_eval_cli_on_a_hub_folder_and_on_a_multi_question_file(tmp_path, tokeniz
     assert run["metrics"]["buckets"]["8"]["n"] == 3 and run["settings"]["dataset_config"] == "long"
 
     path = write_jsonl(tmp_path / "multi.jsonl", MULTI)
-    argv = ["eval", "--model", str(model), "--dataset", str(path), "--prompt_column", "questions",
-            "--output_dir", str(tmp_path / "multi_out"), *small]  # fmt: skip
-    assert main(argv) == 0
-    (run,) = json.loads((tmp_path / "multi_out" / "results.json").read_text())["runs"]
-    assert [p["id"] for p in run["predictions"]] == ["doc/q0", "doc/q1", "single"]
-    assert run["metrics"]["buckets"]["4"]["n"] == 3 and run["settings"]["multi_question"] == "read_once"
+    for policy, reads in (("read_once", 2), ("expand", 3)):
+        out = tmp_path / f"multi_{policy}"
+        argv = ["eval", "--model", str(model), "--dataset", str(path), "--prompt_column", "questions",
+                "--multi_question", policy, "--output_dir", str(out), *small, "--num_trajectory_pages", "5"]  # fmt: skip
+        assert main(argv) == 0
+        (run,) = json.loads((out / "results.json").read_text())["runs"]
+        assert [p["id"] for p in run["predictions"]] == ["doc/q0", "doc/q1", "single"]
+        assert run["metrics"]["buckets"]["4"]["n"] == 3 and run["settings"]["multi_question"] == policy
+        assert len(run["trajectory_pages"]) == reads  # one page per read of a context

@@ -55,11 +55,12 @@ class EvalConfig(AgentConfig, SearchAgentArguments):
     )
     recall_samples: int = field(default=1, metadata={"help": "memtrain task: answers per recall probe."})
     multi_question: str = field(
-        default="read_once",
+        default="expand",
         metadata={
-            "help": "Rows with a list of questions over one context: `read_once` (the memory agent reads the context "
-            "once with every question of the row in its problem, then answers each question from that final "
-            "memory) or `expand` (one row, one read, per question)."
+            "help": "Rows with a list of questions over one context: `expand` (one row and one read per question: "
+            "MemAgent's protocol, each memory is built for its own question) or `read_once` (the memory agent reads "
+            "the context once with every question of the row in its problem, then answers each question from that "
+            "final memory: one read instead of one per question, but one memory budget shared by all of them)."
         },
     )
 

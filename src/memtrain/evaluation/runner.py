@@ -167,13 +167,11 @@ class Evaluator:
 
     def full_context_prompt(self, row: Mapping[str, Any]) -> list[int]:
         """The final-answer prompt with the whole context in the memory slot."""
-        from memtrain.agent.prompts import PromptTemplates
+        from memtrain.agent.prompts import encode_chat
 
-        text = PromptTemplates().render_final(row["prompt"], row["context"])
-        encoded = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
+        return encode_chat(
+            self.tokenizer, self.config.agent_config().templates().render_final(row["prompt"], row["context"])
         )
-        return list(encoded["input_ids"])
 
     def run_full_context(self, rows: Sequence[Mapping[str, Any]], batch_index: int = 0) -> RunOutput:
         cfg = self.config
