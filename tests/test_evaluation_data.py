@@ -111,7 +111,9 @@ SMALL = dict(chunk_size=64, max_chunks=3, max_memory_tokens=5, max_answer_tokens
 
 def test_read_once_reads_a_document_once_for_all_its_questions(tokenizer, generator):
     rows = prepare_rows(map_columns(MULTI, "x", prompt="questions"), EvalConfig())
-    output = Evaluator(tokenizer, generator, EvalConfig(**SMALL, multi_question="read_once")).run(rows, "agent")
+    # sampled (temperature 1): a reply taken from the wrong call would differ from the per-question answers
+    config = EvalConfig(**SMALL, multi_question="read_once", temperature=1.0, seed=2)
+    output = Evaluator(tokenizer, generator, config).run(rows, "agent")
     (read,) = output.trajectories[0]  # one read for both questions of "doc"
     assert output.trajectories[1] == []
     assert "Who met Bob?" in read.problem and "Which river flows through Lyon?" in read.problem

@@ -36,6 +36,12 @@ def generator(tokenizer):
     return Counting(build_tiny_model(tokenizer, seed=0), tokenizer)
 
 
+def prepare(rows):
+    from memtrain.evaluation.data import prepare_rows
+
+    return prepare_rows(rows, CONFIG)
+
+
 def replies(results):
     return [p["replies"] for p in results["runs"][0]["predictions"]]
 
@@ -45,6 +51,12 @@ def test_a_killed_evaluation_resumes_from_its_scored_rows(tmp_path, tokenizer, g
     err = capsys.readouterr().err
     assert "tiny/agent: 1/3 rows (33%)" in err and "3/3 rows (100%)" in err and "ETA" in err
     per_row = generator.prompts / 3
+    # batch by batch, numbered as one pass over the rows: the same samples as the runner's single pass
+    from memtrain.evaluation import Evaluator
+
+    one_pass = Evaluator(tokenizer, generator, CONFIG).run(prepare(ROWS), "agent")
+    assert replies(full) == one_pass.replies
+    generator.prompts = per_row * 3
 
     # a kill after the first row, in the middle of writing the second
     lines = (tmp_path / "full" / SCORED_ROWS).read_text(encoding="utf-8").splitlines()
