@@ -11,22 +11,32 @@ Modes: ``train`` (2 steps, log_completions on), ``iterations`` (num_iterations 2
 (steps_per_generation 2) and ``eval`` (an evaluation after the step).
 """
 
+import importlib.util
 import json
 import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from conftest import build_tiny_model
-from datasets import Dataset
-from transformers import AutoTokenizer
 
-from memtrain.agent.memory_agent import AgentConfig
-from memtrain.configs import MemTrainConfig
-from memtrain.data.corpus import builtin_corpus_path, load_corpus
-from memtrain.rewards import REWARD_FUNCS
-from memtrain.trainer import MemTrainer
+# Not tests/ on sys.path (a script's folder is put first): a folder there named like a package (tests/vllm/) would
+# shadow it; the tiny model is read from conftest.py by its path.
+TESTS = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != TESTS]
+_spec = importlib.util.spec_from_file_location("memtrain_test_conftest", TESTS / "conftest.py")
+_conftest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_conftest)
+build_tiny_model = _conftest.build_tiny_model
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from memtrain.agent.memory_agent import AgentConfig  # noqa: E402
+from memtrain.configs import MemTrainConfig  # noqa: E402
+from memtrain.data.corpus import builtin_corpus_path, load_corpus  # noqa: E402
+from memtrain.rewards import REWARD_FUNCS  # noqa: E402
+from memtrain.trainer import MemTrainer  # noqa: E402
 
 
 # logged values that must be the global ones (the ranks read documents of different lengths, so local ones differ)

@@ -152,18 +152,9 @@ def test_a_step_whose_groups_are_all_filtered_leaves_the_weights_alone(tiny_mode
 
 def test_ddp_processes_with_different_call_counts_stay_in_lockstep(smollm2_tokenizer_dir, tmp_path):
     """Two DDP processes (gloo, CPU) whose documents differ in length: no deadlock, identical weights after."""
-    import json
-    import os
-    import subprocess
-    import sys
+    from test_trainer_distributed import run_workers
 
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(tests / "ddp_worker.py"), str(smollm2_tokenizer_dir), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reports = run_workers(smollm2_tokenizer_dir, tmp_path, "train")
     assert all(r["world_size"] == 2 and r["global_step"] == 2 for r in reports)
     assert reports[0]["generator_calls"] != reports[1]["generator_calls"]
     assert reports[0]["checksum"] == pytest.approx(reports[1]["checksum"], rel=1e-6)

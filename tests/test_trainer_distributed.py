@@ -21,19 +21,26 @@ TESTS = Path(__file__).parent
 
 
 def run_workers(tokenizer_dir: Path, out: Path, mode: str, timeout: float = 240) -> list[dict]:
-    """Both processes' reports; a hang is killed (the whole process group) and fails the test."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    """Both processes' reports. A hang fails the test: torchrun is stopped (it stops its workers), then killed.
+
+    Output goes to a file, not a pipe: a worker left behind would hold a pipe open and block the read forever.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(TESTS / "ddp_worker.py"), str(tokenizer_dir), str(out), mode]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # fmt: skip
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
-        pytest.fail(f"the 2-process {mode} run hung for {timeout:.0f} s:\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-3000:]
+    log = out / "torchrun.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()  # torchrun sends its workers SIGTERM and waits for them
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            pytest.fail(f"the 2-process {mode} run hung for {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    assert process.returncode == 0, log.read_text()[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
