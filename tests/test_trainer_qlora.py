@@ -93,11 +93,6 @@ def test_two_qlora_steps_move_only_the_adapter(tiny_checkpoint, tokenizer, tmp_p
     assert torch.equal(_reference_logps(policy), reference_before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TRL casts a quantized model's LoRA weights to bf16; needs MemTrainer.__init__ to call "
-    "memtrain.models.upcast_trainable_params(self.model) after super().__init__ (H4 report)",
-)
 def test_lora_masters_are_fp32_on_a_quantized_base(tiny_checkpoint, tokenizer, tmp_path):
     from peft import LoraConfig
 

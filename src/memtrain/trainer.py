@@ -49,6 +49,7 @@ from memtrain.grpo import (
     sampling_logps_of,
     vllm_importance_weights,
 )
+from memtrain.models import upcast_trainable_params
 from memtrain.preflight import check_grpo_options
 from memtrain.rewards import get_reward_funcs, recall_score
 from memtrain.vllm_rollouts import VLLMRolloutSession, check_vllm_version, memtrain_vllm_generation, sync_counter
@@ -183,6 +184,9 @@ class MemTrainer(GRPOTrainer):
                 callbacks=callbacks,
                 peft_config=peft_config,
             )
+        if getattr(self.model, "is_loaded_in_4bit", False):
+            # TRL casts a quantized model's trainable weights to bf16, where Adam's small steps round away.
+            upcast_trainable_params(self.model)
         if self.use_vllm:
             sync_counter(self.vllm_generation)  # every sync counted, for vllm/weight_syncs
         self.agent_config = agent_config or AgentConfig()
