@@ -290,7 +290,8 @@ def test_rows_scored_after_an_update_get_old_log_probs(tiny_model, tokenizer, do
         steps_per_generation=2, trajectory_html_steps=0, save_strategy="no",
     )  # fmt: skip
     assert trainer._needs_old_logps()
-    trainer.train()
+    trainer.model.train()
+    trainer._prepare_inputs([documents[i] for i in (0, 0, 1, 1)])  # a generation batch: 2 documents x G1
     rows = [row for shard in trainer._buffered_inputs for row in shard]
     assert rows and all(row.old_logps is not None and len(row.old_logps) == len(row.completion_ids) for row in rows)
     aligned = make_trainer(tiny_model, tokenizer, documents, tmp_path, gradient_accumulation_steps=2,
