@@ -1,0 +1,275 @@
+"""Rollout cost on real vLLM (the CPU build): the memory agent's loop vs one flat generate, and weight syncs per step.
+
+Run in the vLLM venv (``make test-vllm`` builds it), 5-10 minutes on 2 cores (``--steps 4`` for two steps each way):
+
+    HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/vllm_rollout.py
+
+Part ``loop`` (memtrain's ``VLLMGenerator`` on SmolLM2-135M-Instruct): the memory agent reads D documents x G
+copies chunk by chunk, one engine call per step, each prompt built from the previous step's memory; then the SAME
+prompts go to the engine in ONE flat ``generate``, each forced to the same number of new tokens it had in the loop.
+``loop_over_flat`` is what the sequential dependency costs (smaller batches, one prefill wave per step).
+
+Part ``sync`` (MemTrainer, TRL's colocated engine, sleep mode, SmolLM2): alternate steps run with memtrain's
+``VLLMRolloutSession`` (one sync per optimizer step) and without it (TRL's own path: with
+sleep mode every call re-syncs, since each call ends in a level-2 sleep). Per step: syncs, seconds per sync, and the
+share of the step spent syncing. The CPU shims of tests/vllm/cpu_shims.py are applied (vLLM's CPU backend needs them,
+see there), and the engine runs eager (no torch.compile warm-up) to keep the run short.
+
+Each part runs in its own child process (one engine each). The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "vllm"))  # cpu_shims
+sys.path.insert(0, str(ROOT / "tests"))  # conftest.save_built_documents
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+MODEL = "smollm2-135m"
+
+
+def load_documents(folder: Path, count: int):
+    """Built MemTrain documents (in a child process: numba must not be imported beside a vLLM CPU engine)."""
+    from cpu_shims import build_documents_in_subprocess
+    from datasets import Dataset
+
+    if not folder.exists():
+        build_documents_in_subprocess(folder, count, 300, 3)
+    return Dataset.load_from_disk(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------- part: loop vs flat
+def part_loop(docs: Path, documents: int, copies: int, chunks: int) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from memtrain.agent.generation import SamplingConfig
+    from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
+    from memtrain.agent.vllm_backend import VLLMGenerator
+    from memtrain.models import resolve_model_path
+
+    rows = list(load_documents(docs, documents))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))
+    start = time.perf_counter()
+    generator = VLLMGenerator(model=MODEL, max_model_len=2048, seed=0, enforce_eager=True)
+    init_seconds = time.perf_counter() - start
+    config = AgentConfig(
+        chunk_size=128, max_chunks=chunks, max_problem_tokens=64, max_memory_tokens=32, max_answer_tokens=16
+    )
+    agent = MemoryAgent(tokenizer, generator, config)
+    contexts, problems = [r["context"] for r in rows], [r["prompt"] for r in rows]
+    agent.rollout(contexts[:1], problems[:1], n=1, sampling=SamplingConfig(max_new_tokens=8, seed=0))  # warm-up
+
+    loop_times, flat_times = [], []
+    for repeat in range(2):
+        sampling = SamplingConfig(max_new_tokens=32, seed=10 + repeat)
+        start = time.perf_counter()
+        trajectories = agent.rollout(contexts, problems, n=copies, sampling=sampling)
+        loop_times.append(time.perf_counter() - start)
+        calls = [call for t in trajectories for call in t.calls]
+        steps = max(call.step for call in calls)
+        prompts = [{"prompt_token_ids": list(call.prompt_ids)} for call in calls]
+        lengths = [len(call.completion_ids) for call in calls]
+        params = [
+            SamplingParams(max_tokens=max(n, 1), min_tokens=max(n, 1), ignore_eos=True, seed=k, logprobs=0)
+            for k, n in enumerate(lengths)
+        ]
+        start = time.perf_counter()
+        outputs = generator.llm.generate(prompts, sampling_params=params, use_tqdm=False)
+        flat_times.append(time.perf_counter() - start)
+        flat_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        assert flat_tokens == sum(max(n, 1) for n in lengths), (flat_tokens, sum(lengths))
+    loop, flat = min(loop_times), min(flat_times)
+    return {
+        "engine_init_s": round(init_seconds, 1),
+        "trajectories": len(trajectories),
+        "engine_calls_loop": steps,
+        "prompts": len(calls),
+        "new_tokens": sum(lengths),
+        "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts),
+        "loop_s": round(loop, 3),
+        "flat_s": round(flat, 3),
+        "loop_over_flat": round(loop / flat, 2),
+        "loop_tokens_per_s": round(sum(lengths) / loop, 1),
+        "flat_tokens_per_s": round(flat_tokens / flat, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- part: syncs per step
+class _NoSession(contextlib.nullcontext):
+    """Stands in for VLLMRolloutSession: TRL's own per-call path (sync after every level-2 sleep)."""
+
+    def __init__(self, trainer) -> None:
+        super().__init__()
+
+
+def part_sync(docs: Path, documents: int, steps: int) -> dict:
+    import pytest
+    import trl.generation.vllm_generation as trl_vllm
+    from cpu_shims import allow_cpu_sleep_mode, cpu_weight_sync
+    from transformers import TrainerCallback
+
+    import memtrain.trainer as trainer_module
+    from memtrain.agent.memory_agent import AgentConfig
+    from memtrain.agent.recall import default_entity_tools
+    from memtrain.configs import MemTrainConfig
+    from memtrain.models import resolve_model_path
+    from memtrain.rewards import REWARD_FUNCS
+    from memtrain.vllm_rollouts import MemTrainVLLMGeneration, VLLMRolloutSession, sync_counter
+
+    dataset = load_documents(docs, documents)
+    records: list[dict] = []
+
+    class StepClock(TrainerCallback):
+        """Per optimizer step: wall seconds, syncs and sync seconds; the session is switched off halfway."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            with_session = state.global_step % 2 == 0  # alternating, so drifts in machine load cancel
+            monkeypatch.setattr(
+                trainer_module, "VLLMRolloutSession", VLLMRolloutSession if with_session else _NoSession
+            )
+            self.session = with_session
+            self.start = (time.perf_counter(), counter.count, counter.seconds)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            t0, c0, s0 = self.start
+            records.append(
+                {
+                    "session": self.session,
+                    "step_s": now - t0,
+                    "syncs": counter.count - c0,
+                    "sync_s": counter.seconds - s0,
+                }
+            )
+
+    def answer_length_reward(completions, **kwargs):
+        return [float(len(text)) / 10 for text in completions]
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        allow_cpu_sleep_mode(monkeypatch)
+        cpu_weight_sync(monkeypatch, MemTrainVLLMGeneration)
+        engine = trl_vllm.LLM
+        monkeypatch.setattr(trl_vllm, "LLM", lambda *a, **k: engine(*a, **{**k, "enforce_eager": True}))
+        out = tempfile.mkdtemp(prefix="vllm-bench-")
+        args = MemTrainConfig(
+            output_dir=out, per_device_train_batch_size=4, num_generations=2, recall_samples=2, max_steps=steps,
+            learning_rate=1e-5, warmup_steps=0, beta=0.0, scale_rewards="none", logging_steps=1, save_strategy="no",
+            report_to="none", use_cpu=True, bf16=False, seed=0, lenient_recall=True, max_tokens_per_microbatch=4096,
+            reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
+            use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=2048,
+        )  # fmt: skip
+        agent = AgentConfig(
+            chunk_size=128, max_chunks=2, max_problem_tokens=64, max_memory_tokens=16, max_answer_tokens=8
+        )
+        start = time.perf_counter()
+        trainer = trainer_module.MemTrainer(
+            model=resolve_model_path(MODEL), args=args, agent_config=agent, train_dataset=dataset,
+            entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
+            callbacks=[StepClock()],
+        )  # fmt: skip
+        init_seconds = time.perf_counter() - start
+        counter = sync_counter(trainer.vllm_generation)
+        calls = trainer.generator.calls
+        trainer.train()
+        calls = (trainer.generator.calls - calls) / steps
+
+    def summary(session: bool) -> dict:
+        part = [r for r in records if r["session"] == session]
+        syncs = sum(r["syncs"] for r in part)
+        sync_s = sum(r["sync_s"] for r in part)
+        step_s = sum(r["step_s"] for r in part)
+        return {
+            "steps": len(part),
+            "syncs_per_step": syncs / len(part),
+            "seconds_per_sync": round(sync_s / syncs, 3) if syncs else None,
+            "step_s": round(statistics.mean(r["step_s"] for r in part), 2),
+            "sync_share_of_step": round(sync_s / step_s, 3),
+            "step_s_each": [round(r["step_s"], 2) for r in part],
+            "syncs_each": [r["syncs"] for r in part],
+        }
+
+    with_session, without = summary(True), summary(False)
+    return {
+        "trainer_init_s": round(init_seconds, 1),
+        "engine_calls_per_step": calls,
+        "with_session": with_session,
+        "without_session": without,
+        "syncs_saved_per_step": without["syncs_per_step"] - with_session["syncs_per_step"],
+        "step_time_without_over_with": round(without["step_s"] / with_session["step_s"], 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["loop", "sync"], help="run one part in this process (internal)")
+    parser.add_argument("--documents", type=int, default=4)
+    parser.add_argument("--copies", type=int, default=2, help="rollouts per document (G1) in the loop part")
+    parser.add_argument("--chunks", type=int, default=3, help="chunks read per document in the loop part")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="optimizer steps in the sync part (every other one with the session)"
+    )
+    parser.add_argument("--docs", type=Path, default=None, help="folder of built documents (internal)")
+    parser.add_argument("--out", type=Path, default=None, help="where a part writes its JSON (internal)")
+    args = parser.parse_args()
+    if args.part is not None:
+        if args.part == "loop":
+            result = part_loop(args.docs, args.documents, args.copies, args.chunks)
+        else:
+            result = part_sync(args.docs, args.documents, args.steps)
+        args.out.write_text(json.dumps(result))
+        return
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="vllm-rollout-") as tmp:
+        docs = Path(tmp) / "docs"
+        load_documents(docs, args.documents)
+        for part in ("loop", "sync"):
+            out = Path(tmp) / f"{part}.json"
+            command = [sys.executable, __file__, "--part", part, "--docs", str(docs), "--out", str(out)]
+            command += ["--documents", str(args.documents), "--copies", str(args.copies), "--chunks", str(args.chunks)]
+            command += ["--steps", str(args.steps)]
+            start = time.perf_counter()
+            completed = subprocess.run(command, capture_output=True, text=True)
+            if completed.returncode != 0:
+                sys.exit(f"part {part} failed:\n{completed.stderr[-3000:]}")
+            results[part] = json.loads(out.read_text())
+            results[part]["wall_s"] = round(time.perf_counter() - start, 1)
+            print(f"{part}: {json.dumps(results[part])}", flush=True)
+    loop, sync = results["loop"], results["sync"]
+    print(
+        f"memory-agent loop: {loop['engine_calls_loop']} engine calls, {loop['loop_s']} s vs one flat generate of the same "
+        f"{loop['prompts']} prompts / {loop['new_tokens']} tokens: {loop['flat_s']} s (loop/flat {loop['loop_over_flat']}x)"
+    )
+    for name in ("with_session", "without_session"):
+        s = sync[name]
+        print(
+            f"{name}: {s['syncs_per_step']} syncs/step, {s['seconds_per_sync']} s/sync, step {s['step_s']} s, "
+            f"sync share {s['sync_share_of_step']}"
+        )
+    print(json.dumps({"benchmark": "vllm_rollout", "vllm": _vllm_version(), "model": MODEL, **results}))
+
+
+def _vllm_version() -> str:
+    from memtrain.vllm_rollouts import installed_vllm_version
+
+    return str(installed_vllm_version())
+
+
+if __name__ == "__main__":
+    main()
