@@ -1,6 +1,6 @@
 """Rollout cost on real vLLM (the CPU build): the memory agent's loop vs one flat generate, and weight syncs per step.
 
-Run in the vLLM venv (``make test-vllm`` builds it), 5-10 minutes on 2 cores (``--steps 4`` for two steps each way):
+Run in the vLLM venv (``make test-vllm`` builds it), 6-12 minutes on 2 cores (``--steps 2`` for one step each way, about half):
 
     HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/vllm_rollout.py
 
