@@ -238,12 +238,23 @@ def assert_one_line_error(code: int, err: str, pattern: str) -> None:
         ({"max_steps": 0}, r"max_steps must be a positive number.*got 0"),
         ({"num_generations": 0}, r"num_generations must be >= 2.*got 0"),
         ({"reward_funcs": ["masked_entity_emm"]}, r"reward_funcs: Unknown reward function 'masked_entity_emm'"),
+        ({"loss_type": "grpo"}, r"loss_type"),  # a GRPOConfig option MemTrainer would ignore
+        ({"use_vllm": True}, r"use_vllm is set but vLLM is not installed; TRL 1.16 needs vLLM 0.22.0 to 0.31.0"),
     ],
 )
 def test_bad_values_are_refused_before_the_model_loads(override, pattern, built_documents, tmp_path, capsys):
     # The model folder does not exist: reaching the model load would give a different error.
     recipe = full_recipe(tmp_path / "no-model", built_documents, tmp_path / "run", **override)
     assert_one_line_error(*run_cli([str(write_recipe(tmp_path, recipe))], capsys), pattern)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_deepspeed_launch_is_refused_before_the_recipe_is_read(built_documents, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --config_file zero3.yaml` sets
+    recipe = full_recipe(tmp_path / "no-model", built_documents, tmp_path / "run")
+    assert_one_line_error(
+        *run_cli([str(write_recipe(tmp_path, recipe))], capsys), r"does not run under DeepSpeed.*FSDP2"
+    )
     assert not (tmp_path / "run").exists()
 
 

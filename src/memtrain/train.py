@@ -22,6 +22,7 @@ from memtrain.preflight import (
     PreflightError,
     PushError,
     check_dataset_size,
+    check_grpo_options,
     check_output_dir,
     check_push,
     check_reward_names,
@@ -147,6 +148,11 @@ def train(
     hub_token, training_args.hub_token = training_args.hub_token, None
     check_training_values(vars(training_args))
     check_reward_names(training_args.reward_funcs)
+    check_grpo_options(training_args)  # options MemTrainer would ignore, before the dataset and model load
+    if training_args.use_vllm:
+        from memtrain.vllm_rollouts import check_vllm_version
+
+        check_vllm_version()
     if script_args.dataset_name is None:
         raise ValueError("Set `dataset_name:` in the recipe (a built dataset folder, a file, or a Hub dataset id).")
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -376,6 +382,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     argv = list(sys.argv[1:] if argv is None else argv)
     record = recipe_record(argv)
     check_training_values(record)
+    from memtrain.trainer import MemTrainer
+
+    MemTrainer.check_launcher()  # a DeepSpeed launch is refused before the recipe is parsed or the model loads
     script_args, agent_config, training_args, model_args = parse_recipe_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return train(script_args, agent_config, training_args, model_args, recipe=record)
