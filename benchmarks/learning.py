@@ -31,7 +31,7 @@ from pathlib import Path
 
 from memtrain.configs import parse_recipe_args
 from memtrain.data.build import ensure_dataset, split_held_out
-from memtrain.demo import DEMO_METRICS, HeldOutEval, evaluate_held_out, per_document
+from memtrain.evaluation.held_out import DEMO_METRICS, HeldOutEval, evaluate_held_out, per_document
 from memtrain.train import train_with_recipe, warm_start_checkpoint
 
 

@@ -11,7 +11,9 @@ from conftest import save_built_documents
 from datasets import Dataset
 
 from memtrain.data.build import split_held_out
-from memtrain.demo import DemoArguments, per_document, run_demo, save_reward_curves
+from memtrain.demo import DemoArguments, run_demo
+from memtrain.evaluation.held_out import per_document
+from memtrain.plots import save_reward_curves
 
 
 @pytest.fixture

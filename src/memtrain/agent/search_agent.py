@@ -437,16 +437,4 @@ def build_search_agent(args: MemTrainConfig, tokenizer: Any, generator: Generato
     """MEM1's search agent over an in-process index or a shared retriever service; None for the memory agent."""
     if args.agent_type != "search":
         return None
-    from memtrain.retrieval import RemoteRetriever, Retriever
-
-    if args.retriever.startswith(("http://", "https://")):
-        retriever = RemoteRetriever(args.retriever)
-    else:
-        retriever = Retriever.from_corpus(args.retriever, method=args.retriever_method)
-    config = SearchAgentConfig(
-        max_turns=args.search_max_turns,
-        topk=args.search_topk,
-        observation_max_tokens=args.search_observation_tokens,
-        max_new_tokens=args.search_max_new_tokens,
-    )
-    return SearchAgent(tokenizer, generator, retriever, config)
+    return SearchAgent(tokenizer, generator, args.build_retriever(), args.search_agent_config())
