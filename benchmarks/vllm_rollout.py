@@ -120,7 +120,7 @@ class _NoSession(contextlib.nullcontext):
 def part_sync(docs: Path, documents: int, steps: int) -> dict:
     import pytest
     import trl.generation.vllm_generation as trl_vllm
-    from cpu_shims import allow_cpu_sleep_mode, cpu_weight_sync
+    from cpu_shims import allow_cpu_sleep_mode
     from transformers import TrainerCallback
 
     import memtrain.trainer as trainer_module
@@ -129,7 +129,7 @@ def part_sync(docs: Path, documents: int, steps: int) -> dict:
     from memtrain.configs import MemTrainConfig
     from memtrain.models import resolve_model_path
     from memtrain.rewards import REWARD_FUNCS
-    from memtrain.vllm_rollouts import MemTrainVLLMGeneration, VLLMRolloutSession, sync_counter
+    from memtrain.vllm_rollouts import VLLMRolloutSession, sync_counter
 
     dataset = load_documents(docs, documents)
     records: list[dict] = []
@@ -162,7 +162,6 @@ def part_sync(docs: Path, documents: int, steps: int) -> dict:
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         allow_cpu_sleep_mode(monkeypatch)
-        cpu_weight_sync(monkeypatch, MemTrainVLLMGeneration)
         engine = trl_vllm.LLM
         monkeypatch.setattr(trl_vllm, "LLM", lambda *a, **k: engine(*a, **{**k, "enforce_eager": True}))
         out = tempfile.mkdtemp(prefix="vllm-bench-")

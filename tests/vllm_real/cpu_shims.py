@@ -1,17 +1,14 @@
-"""What TRL 1.16's colocate path needs on vLLM 0.31's CPU backend (test-side shims; the fixes belong in src/).
+"""Test-side shims for TRL 1.16's colocate path on vLLM 0.31's CPU backend.
 
-Two shims make TRL 1.16's colocate path run on vLLM's CPU backend; both live here, not in src/:
+The weight sync itself needs no shim: vLLM's CPU backend packs every linear weight into a kernel handle after loading,
+so TRL's per-tensor ``load_weights`` fails there, and memtrain's ``MemTrainVLLMGeneration.sync_weights`` reloads
+layer-wise on a CPU engine (re-packing a tied LM head). What stays here is what only a CPU test needs:
 
 * Sleep mode: vLLM refuses ``enable_sleep_mode`` on CPU at config time ("Sleep mode is not supported on current
   platform") and its CPU worker ignores ``sleep``/``wake_up`` (a logged warning). :func:`allow_cpu_sleep_mode` lets
   the config through, so TRL's sleep-mode bookkeeping (a level-2 sleep marks the weights discarded, and the next
   generation re-syncs them) runs for real; no memory is freed on CPU.
-* Weight sync: the CPU backend packs every linear layer's weight into a oneDNN / sgl-kernel handle after loading and
-  leaves an empty ``Parameter`` without a ``weight_loader``, so TRL's per-tensor ``model.load_weights`` fails
-  (``AttributeError: 'Parameter' object has no attribute 'weight_loader'``). :func:`cpu_weight_sync` wraps TRL's
-  ``sync_weights`` in vLLM's layer-wise reload (``initialize_layerwise_reload`` / ``finalize_layerwise_reload``:
-  the checkpoint-format parameters are restored, loaded and re-packed), then re-packs a tied LM head, whose packed
-  copy of the embedding would otherwise stay the initial one.
+* fp32: :func:`serve_float32` serves a float32 checkpoint in float32, so the sync can be checked exactly.
 """
 
 from __future__ import annotations
@@ -27,42 +24,6 @@ def allow_cpu_sleep_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.platforms import current_platform
 
     monkeypatch.setattr(type(current_platform), "is_sleep_mode_available", lambda self: True)
-
-
-def relink_tied_head(model) -> bool:
-    """Re-pack a tied LM head from the (just reloaded) embedding; True when the model has one."""
-    head = getattr(model, "lm_head", None)
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if head is None or embed is None or getattr(head, "weight", None) is not getattr(embed, "weight", None):
-        return False
-    head.quant_method.process_weights_after_loading(head)
-    return True
-
-
-def reload_in_place(llm, load) -> None:
-    """Run ``load()`` (calls of the vLLM model's ``load_weights``) inside vLLM's layer-wise reload on a CPU engine."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
-    worker = llm.llm_engine.model_executor.driver_worker.worker
-    model = worker.model_runner.get_model()
-    with set_current_vllm_config(worker.vllm_config):
-        initialize_layerwise_reload(model)
-        load()
-        finalize_layerwise_reload(model, worker.model_config)
-        relink_tied_head(model)
-
-
-def cpu_weight_sync(monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
-    """Make ``cls.sync_weights`` (TRL's colocate sync, unchanged inside) work on vLLM's CPU backend."""
-    original = cls.sync_weights
-
-    def sync_weights(self):
-        if self.mode != "colocate":
-            return original(self)
-        reload_in_place(self.llm, lambda: original(self))
-
-    monkeypatch.setattr(cls, "sync_weights", sync_weights)
 
 
 def serve_float32(monkeypatch: pytest.MonkeyPatch) -> None:

