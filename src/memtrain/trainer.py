@@ -736,10 +736,8 @@ class MemTrainer(GRPOTrainer):
         if self._step % generate_every == 0 or self._buffered_inputs is None:
             rows = self._rollout_and_score(generation_batch)
             if self._needs_old_logps():
-                # Old log-probs now, before any update; one gathered flag so every process takes the same branch.
-                missing = torch.tensor([float(any(row.old_logps is None for row in rows))])
-                if float(self._gather_floats(missing).max()) > 0:
-                    self._set_old_logps(rows)
+                # Old log-probs now, before any update (the branch is the config's, so every process takes it).
+                self._set_old_logps(rows)
             random.Random(self.args.seed + self._step).shuffle(rows)
             shards = self.args.steps_per_generation
             self._buffered_inputs = [rows[s::shards] for s in range(shards)]
