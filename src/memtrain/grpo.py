@@ -173,8 +173,8 @@ def collate_rows(rows: list[TrainingRow], pad_token_id: int, device: torch.devic
             completion_mask[i, :c] = 1
         if row.old_logps is not None and c:
             old_logps[i, :c] = torch.tensor(row.old_logps[:c], dtype=torch.float32)
-        if row.sampling_logps is not None and c:
-            values = [math.nan if v is None else v for v in row.sampling_logps[:c]]
+        if row.sampling_logps is not None and c:  # None entries were made NaN by sampling_logps_of
+            values = row.sampling_logps[:c]
             sampling_logps[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
     batch = {
         "prompt_ids": prompt_ids,
