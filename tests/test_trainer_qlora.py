@@ -50,27 +50,34 @@ def _adapter(model) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in model.named_parameters() if "lora_" in name}
 
 
-def test_two_qlora_steps_move_only_the_adapter(tiny_checkpoint, tokenizer, tmp_path):
+def _qlora_trainer(model, tokenizer, tmp_path, target_modules: list[str], **overrides) -> MemTrainer:
+    """MemTrainer over the scripted batch with LoRA on a 4-bit model, beta > 0 (the adapter-off base as reference)."""
     from peft import LoraConfig
 
-    model, tokenizer = load_model_and_tokenizer(str(tiny_checkpoint), load_in_4bit=True, dtype="float32")
-    assert getattr(model, "is_loaded_in_4bit", False)
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
     args = MemTrainConfig(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=6, num_generations=2, recall_samples=G2,
-        max_steps=2, report_to="none", use_cpu=True, bf16=True, seed=0, trajectory_html_steps=0, beta=0.5,
-        warmup_steps=0, learning_rate=1e-2, save_strategy="no", gradient_checkpointing=True, logging_steps=1,
+        report_to="none", use_cpu=True, bf16=True, seed=0, trajectory_html_steps=0, beta=0.5, warmup_steps=0,
+        **overrides,
     )  # fmt: skip
-    trainer = MemTrainer(
+    return MemTrainer(
         model=model,
         args=args,
         agent_config=AGENT,
         train_dataset=Dataset.from_list(hand_made_batch()),
         processing_class=tokenizer,
         entity_tools=scripted_entity_tools(),
-        peft_config=peft_config,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, lora_dropout=0.0),
     )
+
+
+def test_two_qlora_steps_move_only_the_adapter(tiny_checkpoint, tokenizer, tmp_path):
+    model, tokenizer = load_model_and_tokenizer(str(tiny_checkpoint), load_in_4bit=True, dtype="float32")
+    assert getattr(model, "is_loaded_in_4bit", False)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    trainer = _qlora_trainer(
+        model, tokenizer, tmp_path, ["q_proj", "v_proj", "down_proj"], max_steps=2, learning_rate=1e-2,
+        save_strategy="no", gradient_checkpointing=True, logging_steps=1,
+    )  # fmt: skip
     assert trainer.ref_model is None  # the reference is the adapter-off base
     trainer._generate_single_turn = ScriptedBackend(tokenizer, [row["answers"][0] for row in hand_made_batch()])
     policy = trainer.model
@@ -94,23 +101,8 @@ def test_two_qlora_steps_move_only_the_adapter(tiny_checkpoint, tokenizer, tmp_p
 
 
 def test_lora_masters_are_fp32_on_a_quantized_base(tiny_checkpoint, tokenizer, tmp_path):
-    from peft import LoraConfig
-
     model, tokenizer = load_model_and_tokenizer(str(tiny_checkpoint), load_in_4bit=True, dtype="float32")
-    args = MemTrainConfig(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=6, num_generations=2, recall_samples=G2,
-        max_steps=1, report_to="none", use_cpu=True, bf16=True, seed=0, trajectory_html_steps=0, beta=0.5,
-        warmup_steps=0,
-    )  # fmt: skip
-    trainer = MemTrainer(
-        model=model,
-        args=args,
-        agent_config=AGENT,
-        train_dataset=Dataset.from_list(hand_made_batch()),
-        processing_class=tokenizer,
-        entity_tools=scripted_entity_tools(),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
-    )
+    trainer = _qlora_trainer(model, tokenizer, tmp_path, ["q_proj", "v_proj"], max_steps=1)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     assert trainable and all(
         p.dtype == torch.float32 for p in trainable
