@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from datasets import Dataset
 from trl import GRPOConfig
 
 from memtrain.configs import MemTrainConfig
-from memtrain.grpo import TrainingRow
+from memtrain.grpo import TrainingRow, collate_rows
 from memtrain.preflight import PreflightError, check_grpo_options
 from memtrain.trainer import MemTrainer
 
@@ -79,6 +80,33 @@ def test_each_mode_scales_the_loss_by_trls_ratio(trainer, tokenizer, mode):
     assert loss.item() == pytest.approx(want, rel=1e-4)
     plain = sum(-a * w * len(d) for a, w, d in zip(ADVANTAGES, WEIGHTS, DIFFS))  # 0.9
     assert abs(want - plain) > 0.1  # the correction changes this loss
+
+
+@pytest.mark.parametrize("mode", list(HAND))
+def test_the_weight_is_a_constant_in_the_gradient(trainer, tokenizer, mode):
+    """The IS weight is built from the detached old log-probs: the gradient is TRL's, -A x w x weight x d log-prob.
+
+    At one iteration a weight built from the live log-probs gives the same loss value, but the gradient then also
+    flows through the weight; so the gradient is compared with that of the surrogate whose weights are constants.
+    """
+    rows = rows_with_sampling_offsets(trainer, tokenizer)
+    use_vllm_correction(trainer, mode)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    loss = trainer._micro_batch_loss(trainer.model, rows, "train")
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+
+    batch = collate_rows(rows, tokenizer.pad_token_id, trainer.accelerator.device)
+    logps, _ = trainer._row_logps(trainer.model, batch)
+    coefficients = torch.zeros_like(logps)
+    for i, (a, w, hand) in enumerate(zip(ADVANTAGES, WEIGHTS, HAND[mode])):
+        coefficients[i, : len(hand)] = torch.tensor([-a * w * h for h in hand])
+    want = torch.autograd.grad((coefficients * logps).sum(), params, allow_unused=True)
+
+    pairs = [(g, x) for g, x in zip(got, want) if x is not None]
+    assert pairs and all(g is not None for g, _ in pairs)
+    assert sum(float(x.abs().sum()) for _, x in pairs) > 1e-3  # a gradient to compare
+    for g, x in pairs:
+        torch.testing.assert_close(g, x, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
