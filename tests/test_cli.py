@@ -223,5 +223,20 @@ def test_every_entry_point_help_exits_0_and_lists_its_keys(capsys, command, keys
         cli.main([command, "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
+    assert out.startswith(f"usage: memtrain {command} "), out.splitlines()[0]
     missing = [key for key in keys if key not in out]
     assert not missing, f"memtrain {command} --help does not list {missing}"
+
+
+def test_a_command_starts_without_bitsandbytes_kernel_hub_noise():
+    """bitsandbytes' CPU backend logs a failed optional Hub-kernel load at import; a user must not see it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from memtrain.cli import main; sys.exit(main(['train', '--help']))"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "usage: memtrain train" in done.stdout
+    assert "kernels-community" not in done.stdout + done.stderr

@@ -444,6 +444,28 @@ def test_interrupted_conversion_is_not_treated_as_complete(packaged_tiny, tmp_pa
     assert (folder / CONVERSION_MARKER).is_file() and (folder / "tokenizer.json").is_file()
 
 
+def test_conversion_by_an_older_memtrain_is_redone(packaged_tiny, tmp_path):
+    """A cached conversion of an older format (e.g. 1: special tokens as transformers 5.17 guessed them) is rebuilt."""
+    folder = Path(resolve_model_path("tiny-test"))
+    marker = json.loads((folder / CONVERSION_MARKER).read_text())
+    assert marker["format"] == models.CONVERSION_FORMAT
+    del marker["format"]  # as written before formats existed
+    (folder / CONVERSION_MARKER).write_text(json.dumps(marker))
+    (folder / "stale").write_text("left by the old conversion")
+    assert Path(resolve_model_path("tiny-test")) == folder
+    assert not (folder / "stale").exists()
+    assert json.loads((folder / CONVERSION_MARKER).read_text())["format"] == models.CONVERSION_FORMAT
+
+
+def test_packaged_smollm2_tokenizer_has_the_ggufs_special_tokens():
+    """The GGUF says eos = pad = 2 (<|im_end|>); transformers 5.17's converter makes eos the bos (<|im_start|>)."""
+    from memtrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)
+    assert (tokenizer.bos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>")
+
+
 def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMTRAIN_CACHE", str(tmp_path))
     monkeypatch.setitem(

@@ -128,7 +128,7 @@ def test_paper_recipes_use_the_paper_settings(name):
     path = RECIPES_DIR / name
     _, agent, args, model_args = parse(path)
     _, processes = LAUNCH[name]
-    assert not model_args.use_peft and args.use_vllm and args.bf16 and args.activation_checkpointing
+    assert not model_args.use_peft and args.use_vllm and args.bf16 and args.gradient_checkpointing
     assert (agent.chunk_size, agent.max_chunks) == (5000, 8)
     assert agent.max_problem_tokens == agent.max_memory_tokens == agent.max_answer_tokens == 1024
     assert args.num_generations == 8 and args.recall_samples == 8  # G1, G2
@@ -143,7 +143,7 @@ def test_cpu_recipe_is_a_small_model_setting_with_reward_spread():
     assert cpu_overrides(raw(path)) == []  # runs as written on this machine
     script_args, agent, args, model_args = parse(path)
     assert model_args.model_name_or_path == "smollm2-135m" and model_args.dtype == "float32"
-    assert args.use_cpu and not args.bf16 and not args.use_vllm and not args.activation_checkpointing
+    assert args.use_cpu and not args.bf16 and not args.use_vllm and not args.gradient_checkpointing
     assert agent.chunk_size == 64 and agent.max_chunks == 3
     assert agent.max_memory_tokens <= 64 and agent.max_answer_tokens <= 32
     assert args.num_generations == 4 and args.recall_samples == 8
@@ -290,7 +290,7 @@ def test_fsdp_config_is_fsdp2_full_shard_by_transformer_layer():
     # transformers refuses FSDP's activation checkpointing together with the recipe's: the recipes own it.
     assert env["FSDP_ACTIVATION_CHECKPOINTING"] == "false"
     for name in PAPER_RECIPES:
-        assert raw(RECIPES_DIR / name)["activation_checkpointing"] is True
+        assert raw(RECIPES_DIR / name)["gradient_checkpointing"] is True
 
 
 def test_command_line_process_count_overrides_the_config():

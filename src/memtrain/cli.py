@@ -191,6 +191,9 @@ def _forward(target: str) -> Callable[[argparse.Namespace], int]:
 
         module_name, function = target.split(":")
         entry = getattr(importlib.import_module(module_name), function)
+        # The entry points parse with argparse, whose usage line is named after sys.argv[0]: `memtrain train --help`
+        # must say `usage: memtrain train ...`, not `usage: memtrain ...`.
+        program, sys.argv[0] = sys.argv[0], f"memtrain {args.command}"
         try:
             result = entry(args.forwarded)
             # read/eval return an exit code; the scripts' mains may return what they wrote (a path), meaning success
@@ -200,6 +203,8 @@ def _forward(target: str) -> Callable[[argparse.Namespace], int]:
             if type(error).__name__ == "PushError":
                 raise CliError(str(error)) from None
             raise
+        finally:
+            sys.argv[0] = program
 
     return handler
 

@@ -48,50 +48,21 @@ import torch
 
 ANSWER = "Quito"
 PROBLEM = "Based on the entire article, which city is represented by the [MASK] placeholder?"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def build_tokenizer(folder: Path) -> Any:
     """A byte-level BPE over a few sentences (any text encodes), Qwen's special tokens and chat template, saved."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from memtrain.tiny_models import build_chat_tokenizer
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
     corpus = [_context(n) for n in range(20)] + [PROBLEM, "Updated memory: the article is about a city.", "\\boxed{}"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.padding_side = "left"
-    fast.save_pretrained(folder)
-    return fast
+    return build_chat_tokenizer(folder, corpus)
 
 
 def build_model(folder: Path, tokenizer: Any, seed: int = 0) -> None:
-    """A tiny random Qwen2 (hidden 64, 2 layers, GQA 4/2 heads) over the tokenizer's vocabulary, saved in fp32."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A tiny random Qwen2 over the tokenizer's vocabulary, saved in fp32."""
+    from memtrain.tiny_models import save_tiny_model
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )  # fmt: skip
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_model(folder, tokenizer, "qwen2", seed)
 
 
 def _context(n: int) -> str:
@@ -264,7 +235,7 @@ beta: 0.04
 use_vllm: false
 use_cpu: {use_cpu}
 bf16: {bf16}
-activation_checkpointing: true
+gradient_checkpointing: true
 learning_rate: 1.0e-3
 warmup_steps: 0
 max_steps: 2

@@ -56,6 +56,8 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 # Written last inside the temporary folder: a cache folder without it was not produced by a finished conversion.
 CONVERSION_MARKER = "memtrain_conversion.json"
+# Bumped when a conversion written by an older memtrain must be redone (2: special tokens from the GGUF's own ids).
+CONVERSION_FORMAT = 2
 MIN_BNB_CPU = "0.50"  # first bitsandbytes with a CPU backend for NF4 Linear4bit (forward, backward, PEFT LoRA)
 
 
@@ -136,7 +138,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer_name_or_path {path} does not exist.")
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return gguf_tokenizer(path.parent, path.name)
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
@@ -144,6 +146,36 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             f"Could not load the tokenizer {name_or_path!r}: {_first_line(err)} Give a local folder, a .gguf file, a packaged "
             f"name ({', '.join(sorted(_packaged_names()))}) or a Hub id available offline in the cache."
         ) from err
+
+
+# The GGUF fields naming each special token (llama.cpp's names) and the tokenizer attribute each sets.
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def gguf_tokenizer(folder: str | Path, file: str, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """A GGUF file's tokenizer with the special tokens the file names.
+
+    transformers 5.17 (the newest vLLM 0.31 allows) converts SmolLM2's GGUF tokenizer with ``eos_token`` =
+    ``<|im_start|>`` (the bos id) although the file says 2 (``<|im_end|>``): completions would then end with, and
+    pad with, the token that opens a turn. The file's own ids are applied over whatever the converter chose.
+    """
+    import gguf
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=file, **kwargs)
+    fields = gguf.GGUFReader(str(Path(folder, file))).fields
+    for attribute, key in GGUF_SPECIAL_TOKENS.items():
+        if key in fields:
+            field = fields[key]
+            token_id = int(field.parts[field.data[0]][0])
+            if 0 <= token_id < len(tokenizer):
+                setattr(tokenizer, attribute, tokenizer.convert_ids_to_tokens(token_id))
+    return tokenizer
 
 
 def model_cache_dir() -> Path:
@@ -165,13 +197,21 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def _conversion_format(folder: Path) -> int | None:
+    """The format of a finished conversion in ``folder`` (1 for those written before formats), None if unfinished."""
+    try:
+        return int(json.loads((folder / CONVERSION_MARKER).read_text()).get("format", 1))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _convert_packaged(name: str) -> Path:
     """Dequantize a packaged GGUF into a safetensors folder once; later calls return the cached folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     packaged = PACKAGED_MODELS[name]
     target = model_cache_dir() / name
-    if (target / CONVERSION_MARKER).is_file():
+    if _conversion_format(target) == CONVERSION_FORMAT:
         return target
     gguf = packaged.gguf_path()
     if target.exists():  # left by something other than a finished conversion (the marker is written last)
@@ -180,7 +220,7 @@ def _convert_packaged(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
     try:
         start = time.perf_counter()
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = gguf_tokenizer(gguf.parent, gguf.name)
         model = _strip_gguf_quantizer(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -189,12 +229,13 @@ def _convert_packaged(name: str) -> Path:
             "package": packaged.package,
             "gguf_bytes": gguf.stat().st_size,
             "seconds": round(time.perf_counter() - start, 2),
+            "format": CONVERSION_FORMAT,
         }
         (tmp / CONVERSION_MARKER).write_text(json.dumps(marker, indent=2))
         try:
             os.rename(tmp, target)  # atomic: the folder appears complete or not at all
         except OSError:
-            if not (target / CONVERSION_MARKER).is_file():  # not a concurrent finished conversion: a real failure
+            if _conversion_format(target) != CONVERSION_FORMAT:  # not a concurrent finished conversion: a failure
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; keep its copy
     except BaseException:
@@ -423,7 +464,7 @@ def _load_any(
             attempts.append((source, "no such file"))
             raise ModelNotFoundError(name_or_path, attempts)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=file, **common)
+            tokenizer = gguf_tokenizer(folder, file, **common)
             model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, **model_kwargs)
         except OSError as error:
             attempts.append((source, _first_line(error)))
