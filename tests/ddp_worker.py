@@ -74,6 +74,21 @@ def count_collective_forwards(trainer: MemTrainer) -> Counter:
     return forwards
 
 
+def record_generation_rounds(trainer: MemTrainer) -> list[list[int]]:
+    """Each generation call's (prompts, token budget), in call order: FSDP's parameter gathering and vLLM's
+    tensor-parallel slicing need every process to generate equally wide batches with the same budget, round by round.
+    """
+    rounds: list[list[int]] = []
+    generate = trainer._generate_single_turn
+
+    def recording_generate(prompts, images, multimodal_fields, num_generations, *args, **kwargs):
+        rounds.append([len(prompts), int(trainer.max_completion_length)])
+        return generate(prompts, images, multimodal_fields, num_generations, *args, **kwargs)
+
+    trainer._generate_single_turn = recording_generate
+    return rounds
+
+
 def record_gradient_syncs(trainer: MemTrainer) -> list[bool]:
     """Whether DDP all-reduced each backward (False inside no_sync), in call order."""
     syncs: list[bool] = []
@@ -113,6 +128,7 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     )  # fmt: skip
     forwards = count_collective_forwards(trainer)
     syncs = record_gradient_syncs(trainer)
+    rounds = record_generation_rounds(trainer)
     trainer.train()
     rank = trainer.accelerator.process_index
     checksum = sum(float(p.detach().double().sum()) for p in trainer.model.parameters())
@@ -128,7 +144,7 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     report = {
         "world_size": trainer.accelerator.num_processes, "global_step": trainer.state.global_step,
         "generator_calls": trainer.generator.calls, "checksum": checksum, "forwards": dict(forwards),
-        "syncs": syncs, "ddp_no_sync": ddp_no_sync, "fsdp_no_sync": fsdp_no_sync,
+        "syncs": syncs, "rounds": rounds, "ddp_no_sync": ddp_no_sync, "fsdp_no_sync": fsdp_no_sync,
         "rows_trained": [h["rows_trained"] for h in history if "rows_trained" in h],
         "logged": [{k: h.get(k) for k in GATHERED} for h in history if "rows_trained" in h],
         "eval_logged": [{k: h.get(k) for k in EVAL_GATHERED} for h in history if "eval_loss" in h],

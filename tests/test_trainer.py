@@ -152,7 +152,7 @@ def test_a_step_whose_groups_are_all_filtered_leaves_the_weights_alone(tiny_mode
 
 def test_ddp_processes_with_different_call_counts_stay_in_lockstep(smollm2_tokenizer_dir, tmp_path):
     """Two DDP processes (gloo, CPU) whose documents differ in length: no deadlock, identical weights after."""
-    from test_trainer_distributed import run_workers
+    from test_trainer_distributed import assert_same_generation_rounds, run_workers
 
     reports = run_workers(smollm2_tokenizer_dir, tmp_path, "train")
     assert all(r["world_size"] == 2 and r["global_step"] == 2 for r in reports)
@@ -166,6 +166,7 @@ def test_ddp_processes_with_different_call_counts_stay_in_lockstep(smollm2_token
     assert reports[0]["logged"][0]["chunks/mean"] not in {1.0, None}  # rank 0 alone reads 1-chunk documents
     # every scoring forward (each an all-reduce in the worker, as FSDP's gather) ran as often on both processes
     assert reports[0]["forwards"] == reports[1]["forwards"]
+    assert_same_generation_rounds(reports)  # every generation as wide, with the same budget, on both processes
     # DDP all-reduces once per step, at the last micro-batch; under FSDP no micro-batch defers its reduction
     for report in reports:
         assert sum(report["syncs"]) == 2 and report["syncs"][-1] and len(report["syncs"]) > 2

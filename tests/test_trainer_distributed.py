@@ -62,6 +62,14 @@ def assert_lockstep(reports: list[dict], *paths: str) -> None:
     for path in paths:
         assert first["forwards"].get(path, 0) > 0, path
     assert first["forwards"] == second["forwards"]
+    assert_same_generation_rounds(reports)
+
+
+def assert_same_generation_rounds(reports: list[dict]) -> None:
+    """Every generation round is as wide, with the same token budget, on both processes (collective generation)."""
+    first, second = (r["rounds"] for r in reports)
+    assert first and first == second
+    assert len({width for width, _ in first}) > 1 and len({budget for _, budget in first}) > 1  # rounds do vary
 
 
 def test_reused_rollouts_score_old_log_probs_in_lockstep(smollm2_tokenizer_dir, tmp_path):
