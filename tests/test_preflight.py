@@ -13,6 +13,8 @@ from memtrain.preflight import (
     check_training_rows,
     check_training_values,
     check_utf8_file,
+    complete_checkpoints,
+    is_complete_checkpoint,
     is_secret_key,
     scrub_secrets,
 )
@@ -37,6 +39,24 @@ def test_secrets_are_dropped_by_key_and_by_value():
         "run_name": "uses <redacted> inside",
     }
     assert is_secret_key("hub_token") and not is_secret_key("eos_token") and not is_secret_key("max_prompt_token")
+
+
+def test_known_secrets_are_redacted_at_every_depth_of_lists_tuples_and_mappings():
+    """A known secret (not shaped like a Hub token) inside a list, a tuple, or a mapping inside a list."""
+    recipe = {
+        "launch_args": ["--hub_token", "mysecretvalue"],
+        "env_pairs": ("KEY", "x-mysecretvalue-y"),
+        "steps": [{"name": "push", "args": [["--token=mysecretvalue"]], "hub_token": "mysecretvalue"}],
+        "keep": [1, 2.5, None, True, "plain"],
+    }
+    scrubbed = scrub_secrets(recipe, secrets=["mysecretvalue"])
+    assert "mysecretvalue" not in json.dumps(scrubbed)
+    assert scrubbed == {
+        "launch_args": ["--hub_token", "<redacted>"],
+        "env_pairs": ["KEY", "x-<redacted>-y"],
+        "steps": [{"name": "push", "args": [["--token=<redacted>"]]}],
+        "keep": [1, 2.5, None, True, "plain"],
+    }
 
 
 @pytest.mark.parametrize(
@@ -85,3 +105,41 @@ def test_rows_and_sizes(tmp_path):
     path.write_bytes(json.dumps(good).encode() + b"\n" + b'{"prompt": "\xe9"}\n')
     with pytest.raises(PreflightError, match=r"rows.jsonl line 2 is not UTF-8"):
         check_utf8_file(path)
+
+
+def _checkpoint(folder, files: dict[str, bytes], state: str | None = '{"global_step": 2}'):
+    folder.mkdir(parents=True)
+    if state is not None:
+        (folder / "trainer_state.json").write_text(state)
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("files", "state", "complete"),
+    [
+        ({"model.safetensors": b"weights", "optimizer.pt": b"state"}, '{"global_step": 2}', True),
+        # a valid trainer_state.json does not make a checkpoint with a 0-byte file complete
+        ({"model.safetensors": b"weights", "optimizer.pt": b""}, '{"global_step": 2}', False),
+        ({"model.safetensors": b""}, '{"global_step": 2}', False),
+        # FSDP's sharded state dicts are folders: an empty shard inside one counts too
+        ({"pytorch_model_fsdp_0/__0_0.distcp": b""}, '{"global_step": 2}', False),
+        ({"pytorch_model_fsdp_0/__0_0.distcp": b"shard"}, '{"global_step": 2}', True),
+        ({"model.safetensors": b"weights"}, None, False),  # killed before trainer_state.json
+        ({"model.safetensors": b"weights"}, '{"global_st', False),  # killed while writing it
+        ({"model.safetensors": b"weights"}, "", False),
+    ],
+)
+def test_a_checkpoint_is_complete_only_with_its_state_and_no_empty_file(tmp_path, files, state, complete):
+    checkpoint = _checkpoint(tmp_path / "checkpoint-2", files, state)
+    assert is_complete_checkpoint(checkpoint) is complete
+    assert complete_checkpoints(tmp_path) == (([checkpoint], []) if complete else ([], [checkpoint]))
+
+
+def test_complete_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    steps = [_checkpoint(tmp_path / f"checkpoint-{n}", {"model.safetensors": b"w"}) for n in (10, 9, 100)]
+    broken = _checkpoint(tmp_path / "checkpoint-11", {"model.safetensors": b""})
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint folder
+    assert complete_checkpoints(tmp_path) == ([steps[1], steps[0], steps[2]], [broken])

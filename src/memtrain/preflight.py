@@ -292,12 +292,15 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _is_complete(checkpoint: Path) -> bool:
-    """A checkpoint whose save finished: trainer_state.json (written last) parses and no file is empty."""
+    """A checkpoint whose save finished: trainer_state.json (written last) parses and no file is empty.
+
+    Files in subfolders count too (FSDP's sharded state dicts, adapters saved per name).
+    """
     try:
         json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return all(p.stat().st_size > 0 for p in checkpoint.iterdir() if p.is_file())
+    return all(p.stat().st_size > 0 for p in checkpoint.rglob("*") if p.is_file())
 
 
 def complete_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[Path]]:
