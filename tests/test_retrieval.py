@@ -159,7 +159,18 @@ def test_serve_script_end_to_end(passages):
         port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "serve_retriever.py"), "--corpus", str(CORPUS), "--port", str(port)],
+        [
+            sys.executable,
+            str(REPO / "scripts" / "serve_retriever.py"),
+            "--corpus",
+            str(CORPUS),
+            "--port",
+            str(port),
+            "--max_queries",
+            "3",
+            "--topk",
+            "2",
+        ],  # fmt: skip
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -176,6 +187,13 @@ def test_serve_script_end_to_end(passages):
                     raise
                 time.sleep(0.3)
         assert hits[0][0].title == "Evan Morris"
+        # the settings reach the server: its --max_queries bound and its default --topk
+        status, reply = _post(f"http://127.0.0.1:{port}", json.dumps({"queries": ["Evan Morris"] * 4}).encode())
+        assert status == 413 and "at most 3 queries" in reply["error"]
+        status, reply = _post(
+            f"http://127.0.0.1:{port}", json.dumps({"queries": ["the company founded"] * 3}).encode()
+        )
+        assert status == 200 and [len(hits) for hits in reply["result"]] == [2, 2, 2]
     finally:
         process.terminate()
         process.wait(timeout=20)
@@ -211,6 +229,31 @@ def test_too_many_queries_are_refused(server):
     assert status == 413 and f"at most {limit} queries" in reply["error"]
     status, _ = _post(server.url, json.dumps({"queries": ["Evan Morris"] * limit}).encode())
     assert status == 200
+
+
+def test_a_server_enforces_its_own_configured_bounds_not_the_defaults(retriever):
+    """Bounds below the defaults: 3 queries, 300 body bytes, default topk 2 (a request over them is refused)."""
+    server = RetrievalServer(retriever, port=0, default_topk=2, max_queries=3, max_body_bytes=300)
+    server.start_background()
+    try:
+        status, reply = _post(server.url, json.dumps({"queries": ["Evan Morris"] * 4}).encode())
+        assert status == 413 and "4 queries in one request" in reply["error"] and "at most 3 queries" in reply["error"]
+        status, reply = _post(server.url, json.dumps({"queries": ["the company founded"] * 3}).encode())
+        assert status == 200 and [len(hits) for hits in reply["result"]] == [2, 2, 2]  # the configured default topk
+        body = json.dumps({"queries": ["x" * 300]}).encode()
+        status, reply = _post(server.url, body)
+        assert (
+            status == 413
+            and f"request body of {len(body)} bytes exceeds the retriever's limit of 300" in (reply["error"])
+        )
+        # RemoteRetriever splits a batch to the server's bound when told it
+        remote = RemoteRetriever(server.url, max_queries_per_request=3)
+        assert [len(hits) for hits in remote.search(["Evan Morris"] * 7, k=1)] == [1] * 7
+        with pytest.raises(RuntimeError, match="answered 413: 4 queries in one request"):
+            RemoteRetriever(server.url, max_queries_per_request=4).search(["Evan Morris"] * 4, k=1)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_topk_above_the_limit_is_refused(server):
