@@ -76,6 +76,28 @@ def test_a_killed_evaluation_resumes_from_its_scored_rows(tmp_path, tokenizer, g
     assert generator.prompts == 0
 
 
+def test_a_kill_inside_a_batch_reruns_that_batch_and_records_each_row_once(tmp_path, tokenizer, generator, capsys):
+    """Batch size 2, killed between the two rows of the first batch: the batch runs again (it is not skipped
+    because one of its rows was scored), each row is stored once and the progress never passes the total."""
+    config = EvalConfig(**{**CONFIG.__dict__, "batch_size": 2})
+    full = evaluate(ROWS, tokenizer, generator, config, tmp_path / "full", label="tiny")
+    lines = (tmp_path / "full" / SCORED_ROWS).read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [0, 1, 2]
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / SCORED_ROWS).write_text(lines[0] + "\n", encoding="utf-8")  # row 0 of batch [0, 1]
+    capsys.readouterr()
+    generator.prompts = 0
+    resumed = evaluate(ROWS, tokenizer, generator, config, tmp_path / "killed", label="tiny")
+    assert generator.prompts > 0
+    assert replies(resumed) == replies(full)
+    assert resumed["runs"][0]["metrics"] == full["runs"][0]["metrics"]
+    records = [json.loads(line) for line in (tmp_path / "killed" / SCORED_ROWS).read_text().splitlines()]
+    assert sorted(r["index"] for r in records) == [0, 1, 2]  # row 0 not written twice
+    err = capsys.readouterr().err
+    assert "resuming: 1/3 rows already scored" in err
+    assert "2/3 rows (67%)" in err and "3/3 rows (100%)" in err and "4/3" not in err
+
+
 def test_other_settings_are_refused_unless_overwrite(tmp_path, tokenizer, generator):
     evaluate(ROWS[:1], tokenizer, generator, CONFIG, tmp_path, label="tiny")
     other = EvalConfig(**{**CONFIG.__dict__, "temperature": 0.5, "modes": ("agent",)})

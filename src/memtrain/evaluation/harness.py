@@ -169,7 +169,10 @@ def evaluate(
         pages: list[str] = []
         for batch_index, chunk in enumerate(chunks):
             indices = [i for unit in chunk for i in unit]
-            if all(store.get(mode, i, ids[i]) is not None for i in indices):
+            # A batch runs whole (its seed and its read_once groups are per batch); a kill between its rows left
+            # some of them scored: those keep their stored record, only the others are added and counted.
+            scored = {i for i in indices if store.get(mode, i, ids[i]) is not None}
+            if len(scored) == len(indices):
                 continue
             batch = [rows[i] for i in indices]
             output = evaluator.run(batch, mode, batch_index=batch_index)
@@ -183,8 +186,8 @@ def evaluate(
                     pages.append(str(path.relative_to(output_dir)))
             seconds = output.seconds / len(indices)
             store.add(mode, [{"index": i, "id": ids[i], "replies": output.replies[j], "scores": scores[j],
-                              "seconds": seconds} for j, i in enumerate(indices)])  # fmt: skip
-            progress.update(len(indices))
+                              "seconds": seconds} for j, i in enumerate(indices) if i not in scored])  # fmt: skip
+            progress.update(len(indices) - len(scored))
         records = [store.get(mode, i, ids[i]) for i in range(len(rows))]
         scores = [record["scores"] for record in records]
         predictions = [
