@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from memtrain.preflight import (
+    RUN_LOCK,
     PreflightError,
     check_dataset_size,
     check_output_dir,
     check_training_rows,
     check_training_values,
     check_utf8_file,
+    claim_output_dir,
     complete_checkpoints,
     is_complete_checkpoint,
     is_secret_key,
@@ -143,3 +148,46 @@ def test_complete_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
     broken = _checkpoint(tmp_path / "checkpoint-11", {"model.safetensors": b""})
     (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint folder
     assert complete_checkpoints(tmp_path) == ([steps[1], steps[0], steps[2]], [broken])
+
+
+def test_a_claimed_output_dir_is_refused_to_any_other_claim_until_released(tmp_path):
+    folder = tmp_path / "runs" / "a"
+    lock = claim_output_dir(folder)
+    assert lock.held and (folder / RUN_LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+    with pytest.raises(
+        PreflightError, match=rf"output_dir .*runs/a is in use by another memtrain run \(pid {os.getpid()}"
+    ):
+        claim_output_dir(folder)  # a second open file, even in this process
+    check_output_dir(folder, resuming=False)  # the hidden lock file is not another run's file
+    lock.release()
+    assert not (tmp_path / "runs").exists()  # the folders the claim created held nothing else: removed
+    with claim_output_dir(folder) as again:
+        (folder / "model.safetensors").write_bytes(b"w")
+        assert again.held
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors"]  # the run's output stays, the lock goes
+
+
+def test_a_killed_holder_frees_the_folder(tmp_path):
+    folder = tmp_path / "run"
+    code = "import sys, time; from memtrain.preflight import claim_output_dir; claim_output_dir(sys.argv[1]); "
+    code += "print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PreflightError, match=rf"in use by another memtrain run \(pid {holder.pid} on "):
+            claim_output_dir(folder)
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays
+        holder.wait()
+        holder.stdout.close()
+    assert (folder / RUN_LOCK).is_file()
+    with claim_output_dir(folder) as lock:
+        assert lock.held
+
+
+def test_a_claim_on_a_file_or_an_unwritable_place_is_refused_without_creating_anything(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(PreflightError, match="is a file, not a folder"):
+        claim_output_dir(tmp_path / "a-file")
+    with pytest.raises(PreflightError, match="cannot be created"):
+        claim_output_dir(tmp_path / "a-file" / "run")

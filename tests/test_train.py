@@ -270,6 +270,53 @@ def test_an_output_dir_of_another_run_is_refused_unless_resuming(built_documents
     assert code != 0 and "another run" not in err
 
 
+def test_a_second_run_into_a_live_runs_output_dir_is_refused_at_once(
+    tiny_checkpoint, built_documents, tmp_path, capsys
+):
+    """Two `run_grpo` runs into one output_dir: the first (a real process, training) owns the folder; the second is
+    refused with one line before its model loads; once the first is killed (SIGKILL) the folder is free again."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from memtrain.preflight import RUN_LOCK, claim_output_dir
+
+    output_dir = tmp_path / "run"
+    path = write_recipe(
+        tmp_path,
+        full_recipe(tiny_checkpoint, built_documents, output_dir, max_steps=10_000, reward_funcs=["answer_f1"]),
+    )  # fmt: skip (a reward the script knows: answer_length is registered by this test module only)
+    log = (tmp_path / "first.log").open("w")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_grpo.py"
+    first = subprocess.Popen([sys.executable, str(script), str(path)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 240
+
+        def started() -> bool:  # the first run holds the folder, or (without a claim) has written into it
+            lock = output_dir / RUN_LOCK
+            if lock.is_file() and f"pid {first.pid} " in lock.read_text():
+                return True
+            return output_dir.is_dir() and any(not p.name.startswith(".") for p in output_dir.iterdir())
+
+        while not started():
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.2)
+        start = time.perf_counter()
+        code, err = run_cli([str(path)], capsys)
+        assert_one_line_error(code, err, rf"output_dir .*run is in use by another memtrain run \(pid {first.pid} on ")
+        assert "wait for it to finish, or choose another output_dir" in err
+        assert time.perf_counter() - start < 60  # no model load, no warm start
+        assert first.poll() is None, "the first run was disturbed"
+    finally:
+        first.kill()
+        first.wait()
+        log.close()
+    with claim_output_dir(output_dir) as lock:  # a killed run holds nothing
+        assert lock.held
+
+
 def test_overwrite_output_dir_clears_the_previous_run_once_the_checks_pass(built_documents, tmp_path, capsys):
     output_dir = tmp_path / "run"
     _checkpoint(output_dir, 4, complete=True)

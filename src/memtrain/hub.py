@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 MEMTRAIN_TAGS = ("memtrain", "grpo", "trl", "memory-agent")
 
 # Trainer output folders also hold resumable checkpoints (optimizer state: several times the model size) and caches.
-DEFAULT_IGNORE_PATTERNS = (".git/*", ".cache/*", "checkpoint-*", "__pycache__/*", "*/__pycache__/*")
+DEFAULT_IGNORE_PATTERNS = (
+    ".git/*", ".cache/*", "checkpoint-*", "__pycache__/*", "*/__pycache__/*", ".memtrain.lock",
+)  # fmt: skip
 
 _REPO_HUB_CARDS = Path(__file__).resolve().parents[2] / "hub_cards"
 _FRAMEWORKS = ("memtrain", "transformers", "trl", "peft", "accelerate", "datasets", "torch")

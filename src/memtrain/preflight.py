@@ -11,7 +11,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,9 @@ __all__ = [
     "complete_checkpoints",
     "is_complete_checkpoint",
     "clear_previous_run",
+    "RUN_LOCK",
+    "OutputDirLock",
+    "claim_output_dir",
 ]
 
 
@@ -190,6 +195,90 @@ def clear_previous_run(output_dir: str | Path) -> list[str]:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             removed.append(path.name)
     return removed
+
+
+RUN_LOCK = ".memtrain.lock"  # hidden: not a run file, kept by clear_previous_run, never pushed
+
+
+class OutputDirLock:
+    """An exclusive claim on an output folder (``flock`` on its hidden ``.memtrain.lock``).
+
+    The kernel drops the claim when the process ends however it ends (SIGKILL, a lost shell), so a dead run never
+    holds a folder; :meth:`release` drops it earlier and removes the lock file, and the folders the claim created
+    when nothing else was written into them (a run refused by a later check leaves nothing behind).
+    """
+
+    def __init__(self, folder: Path, path: Path, fd: int, created: list[Path]) -> None:
+        self.folder, self.path, self._fd, self._created = folder, path, fd, created
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # unlinked while held: a claim racing this one sees a new file
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        for folder in self._created:  # innermost first; stops at the first folder something was written into
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    def __enter__(self) -> OutputDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def claim_output_dir(output_dir: str | Path, what: str = "memtrain run", beside: bool = False) -> OutputDirLock:
+    """Claim ``output_dir`` for this process, or refuse at once when a live process holds it.
+
+    Two runs started into one folder both passed the folder checks, trained side by side and left the second one's
+    files only; the second is refused now, before anything is loaded. Creates the folder (and its missing parents)
+    and claims its ``.memtrain.lock``; ``beside`` claims ``.<name>.lock`` in the parent instead, without creating the
+    folder (a build swaps in its whole folder at the end).
+    """
+    import fcntl
+
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise PreflightError(f"output_dir {folder} is a file, not a folder; choose another output_dir.")
+    check_writable(folder)
+    home = folder.parent if beside else folder
+    created = []
+    missing = home
+    while not missing.exists():
+        created.append(missing)
+        missing = missing.parent
+    home.mkdir(parents=True, exist_ok=True)
+    path = folder.parent / f".{folder.name}.lock" if beside else folder / RUN_LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise PreflightError(
+                f"output_dir {folder} is in use by another {what} ({owner}); wait for it to finish, or choose "
+                "another output_dir."
+            ) from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)  # the holder released and unlinked it between our open and our lock: claim the new file
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    return OutputDirLock(folder, path, fd, created)
 
 
 def check_writable(output_dir: str | Path) -> None:

@@ -29,6 +29,7 @@ from memtrain.preflight import (
     check_training_rows,
     check_training_values,
     check_utf8_file,
+    claim_output_dir,
     clear_previous_run,
     complete_checkpoints,
     error_summary,
@@ -135,9 +136,26 @@ def train(
 ) -> dict[str, float]:
     """Run MemTrain GRPO; returns the final training metrics.
 
-    Everything that can be checked without the model (values, reward names, rows, the output folder, the push) is
-    checked first: at paper scale the model load and warm start take minutes, the run hours.
+    The run owns its output_dir while it lives (:func:`~memtrain.preflight.claim_output_dir`, taken by the main
+    process first): a second run into the same folder is refused at once. Everything that can be checked without
+    the model (values, reward names, rows, the output folder, the push) is checked next: at paper scale the model
+    load and warm start take minutes, the run hours.
     """
+    lock = claim_output_dir(training_args.output_dir) if training_args.process_index == 0 else None
+    try:
+        return _train(script_args, agent_config, training_args, model_args, recipe)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    script_args: MemTrainScriptArguments,
+    agent_config: AgentConfig,
+    training_args: MemTrainConfig,
+    model_args: Any,
+    recipe: dict[str, Any] | None,
+) -> dict[str, float]:
     from trl import get_peft_config
 
     from memtrain.models import load_from_model_config
