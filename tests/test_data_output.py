@@ -60,3 +60,33 @@ def test_built_folder_has_the_mode_of_a_plain_mkdir(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "built").stat().st_mode) == 0o755
+
+
+def test_a_second_build_into_a_folder_being_built_is_refused_before_building(tmp_path):
+    """A live build (another process) owns its output folder from its checks to its write; a second is refused at
+    once (it used to build in full, then die); the claim ends with the write, or with the process (SIGKILL)."""
+    import subprocess
+    import sys
+
+    from datasets import Dataset
+
+    from memtrain.data.output import check_before_build, write_built_dataset
+    from memtrain.preflight import PreflightError
+
+    out = tmp_path / "built"
+    code = "import sys, time; from memtrain.data.output import check_before_build; check_before_build(sys.argv[1], "
+    code += "overwrite=False); print('building', flush=True); time.sleep(600)"
+    first = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "building"
+        with pytest.raises(PreflightError, match=rf"built is in use by another memtrain build \(pid {first.pid} on "):
+            check_before_build(out, overwrite=False)
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
+    assert not out.exists()
+    check_before_build(out, overwrite=False)
+    check_before_build(out, overwrite=False)  # this process's own build may check again
+    write_built_dataset(Dataset.from_list([{"a": 1}]), out, card="card", stats={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built"]  # the claim ended with the write

@@ -17,7 +17,7 @@ from typing import Any
 
 from memtrain.data.corpus import BUILTIN_PREFIX, FORMATS, load_corpus
 from memtrain.data.documents import DocumentBuilderConfig, build_documents
-from memtrain.data.output import check_before_build, write_built_dataset
+from memtrain.data.output import check_before_build, release_build_claim, write_built_dataset
 
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     elif "--config" in argv:
         recipe = argv[argv.index("--config") + 1]
     args, config = parse_recipe_args(argv, (BuildDatasetArguments, DocumentBuilderConfig))
-    return run_build(args, config, recipe=recipe)
+    try:
+        return run_build(args, config, recipe=recipe)
+    finally:
+        release_build_claim(args.output_dir)  # a failed build gives its folder up at once
 
 
 def ensure_dataset(data_recipe: str | Path, dataset_dir: str | Path) -> Any:

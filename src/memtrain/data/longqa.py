@@ -491,5 +491,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
+    from memtrain.data.output import release_build_claim
+
     (args,) = parse_recipe_args(argv, (LongQABuildArguments,))
-    return run_build_longqa(args)
+    try:
+        return run_build_longqa(args)
+    finally:
+        release_build_claim(args.output_dir)  # a failed build gives its folder up at once

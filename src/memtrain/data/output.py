@@ -118,14 +118,32 @@ def check_before_build(
 
     Builds take minutes to hours; a doomed write or push is found before, not after.
     """
-    from memtrain.preflight import check_push, check_writable
+    from memtrain.preflight import check_push, check_writable, claim_output_dir
 
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite)
-    check_writable(output_dir)
-    if push_to_hub:
-        check_push(hub_dataset_id, None)
+    claim = _BUILD_CLAIMS.get(output_dir.resolve())
+    if claim is None or not claim.held:  # a second build into this folder is refused here, not after its build
+        claim = _BUILD_CLAIMS[output_dir.resolve()] = claim_output_dir(output_dir, "memtrain build", beside=True)
+    try:
+        check_output_dir(output_dir, overwrite)
+        check_writable(output_dir)
+        if push_to_hub:
+            check_push(hub_dataset_id, None)
+    except BaseException:
+        release_build_claim(output_dir)
+        raise
     return output_dir
+
+
+# Builds of this process that own their output folder (from check_before_build to the end of write_built_dataset).
+_BUILD_CLAIMS: dict[Path, Any] = {}
+
+
+def release_build_claim(output_dir: str | Path) -> None:
+    """Give up this process's claim on a build's output folder (a build that failed before writing it)."""
+    claim = _BUILD_CLAIMS.pop(Path(output_dir).resolve(), None)
+    if claim is not None:
+        claim.release()
 
 
 def write_built_dataset(
@@ -149,15 +167,18 @@ def write_built_dataset(
     from datasets import DatasetDict
 
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite)
-    splits = data if isinstance(data, DatasetDict) else {"train": data}
-    with atomic_output_dir(output_dir) as staging:
-        data.save_to_disk(str(staging / "dataset"))
-        (staging / "data").mkdir()
-        for split, dataset in splits.items():
-            dataset.to_parquet(str(staging / parquet_path(split)))
-        (staging / "README.md").write_text(str(card), encoding="utf-8")
-        (staging / "build_stats.json").write_text(json.dumps(dict(stats), indent=2, default=str), encoding="utf-8")
+    try:
+        check_output_dir(output_dir, overwrite)
+        splits = data if isinstance(data, DatasetDict) else {"train": data}
+        with atomic_output_dir(output_dir) as staging:
+            data.save_to_disk(str(staging / "dataset"))
+            (staging / "data").mkdir()
+            for split, dataset in splits.items():
+                dataset.to_parquet(str(staging / parquet_path(split)))
+            (staging / "README.md").write_text(str(card), encoding="utf-8")
+            (staging / "build_stats.json").write_text(json.dumps(dict(stats), indent=2, default=str), encoding="utf-8")
+    finally:
+        release_build_claim(output_dir)
     logger.info("wrote %s: %s", output_dir, {split: len(dataset) for split, dataset in splits.items()})
     if push_to:
         from memtrain.hub import push_built_dataset

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
     import sys
 
     from memtrain.configs import parse_recipe_args
-    from memtrain.data.output import check_before_build
+    from memtrain.data.output import check_before_build, release_build_claim
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args,) = parse_recipe_args(list(sys.argv[1:] if argv is None else argv), (SearchQABuildArguments,))
@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> Path:
         args.output_dir, overwrite=args.overwrite_output_dir, push_to_hub=args.push_to_hub,
         hub_dataset_id=args.hub_dataset_id,
     )  # fmt: skip  # before reading the question files
-    sources = [load_qa_pairs(path) for path in args.questions]
-    out = write_rows(build_multi_question_rows(sources, args.num_rows, args.seed), args)
+    try:
+        sources = [load_qa_pairs(path) for path in args.questions]
+        out = write_rows(build_multi_question_rows(sources, args.num_rows, args.seed), args)
+    finally:
+        release_build_claim(args.output_dir)  # a failed build gives its folder up at once
     print(f"wrote {args.num_rows} search-QA rows to {out}")
     return out
