@@ -110,3 +110,20 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"the shared data samples are not at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def refusal(argv: list[str], capsys) -> str:
+    """``memtrain <argv>`` as a user runs it, which must refuse: exit 2, one ``error:`` line, no traceback.
+
+    Returns that line (a subcommand that exits on its own, as serve-retriever does, counts the same).
+    """
+    from memtrain.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import save_built_documents
+from conftest import refusal, save_built_documents
 from datasets import Dataset
 from huggingface_hub import ModelCard
 from test_hub import FakeHubServer
@@ -456,3 +457,26 @@ def test_trust_remote_code_is_honoured(tiny_checkpoint, built_documents, tmp_pat
     assert cli([str(path)]) != 0  # without it the custom code is not run
     assert "trust_remote_code" in capsys.readouterr().err
     assert "train_runtime" in main([str(path), "--trust_remote_code", "true"])
+
+
+@pytest.mark.parametrize(
+    ("content", "pattern"),
+    [
+        (b"", r"Dataset file .*rows.jsonl is empty; give a file of rows with \['prompt', 'context', 'answers'\]"),
+        (b"\n \n", r"Dataset file .*rows.jsonl is empty"),
+        (b'{"prompt": "q", "context": ', r"Dataset file .*rows.jsonl cannot be read as jsonl \("),
+        (b'{"prompt": "caf\xe9"}\n', r"Dataset .*rows.jsonl line 1 is not UTF-8 .*iconv"),
+    ],
+)
+def test_an_unreadable_dataset_file_is_named_in_one_line(content, pattern, tmp_path, capsys):
+    (tmp_path / "rows.jsonl").write_bytes(content)
+    argv = ["train", "--dataset_name", str(tmp_path / "rows.jsonl"), "--model_name_or_path", str(tmp_path / "no-model"),
+            "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--bf16", "false"]  # fmt: skip
+    line = refusal(argv, capsys)
+    assert re.search(pattern, line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # nothing written, no output_dir
+
+
+def test_train_without_arguments_asks_for_a_recipe(capsys):
+    line = refusal(["train"], capsys)
+    assert "give a recipe: `memtrain train recipes/smollm2-135m.yaml [--key value ...]`" in line

@@ -69,9 +69,21 @@ def load_training_dataset(name: str, config: str | None = None, split: str = "tr
                     check_utf8_file(file)
             loaded = load_dataset(str(path), config, split=split)
     elif path.suffix in _FILE_BUILDERS and path.exists():
+        if path.is_dir():
+            raise FileNotFoundError(f"Dataset {name} is a folder named like a file; give the data file itself.")
+        if _is_blank(path):
+            raise ValueError(f"Dataset file {name} is empty; give a file of rows with {list(REQUIRED_COLUMNS)}.")
         if path.suffix != ".parquet":
             check_utf8_file(path)
-        loaded = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        try:
+            loaded = load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # StopIteration (blank lines only), Arrow / JSON parse errors: name the file
+            cause = error.__cause__ or error.__context__ or error
+            raise ValueError(
+                f"Dataset file {name} cannot be read as {path.suffix[1:]} ({type(cause).__name__}: "
+                f"{error_summary(cause)}); fix the file, or give rows with {list(REQUIRED_COLUMNS)} as .jsonl, "
+                ".json, .csv or .parquet."
+            ) from None
     elif path.suffix in _FILE_BUILDERS or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"Dataset file {name} does not exist.")
     else:
@@ -96,6 +108,15 @@ def load_training_dataset(name: str, config: str | None = None, split: str = "tr
         )
     check_training_rows(loaded, source=name, task=task)
     return loaded
+
+
+def _is_blank(path: Path) -> bool:
+    """A 0-byte file, or (text formats) one of whitespace only; reads up to the first other byte."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            if path.suffix == ".parquet" or chunk.strip():
+                return False
+    return True
 
 
 def resolve_checkpoint(checkpoint: str | None, output_dir: str) -> str | None:
@@ -398,6 +419,11 @@ def recipe_record(argv: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Parse the recipe and train; value errors that would crash inside TRL's config parsing are caught first."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        raise ValueError(
+            "give a recipe: `memtrain train recipes/smollm2-135m.yaml [--key value ...]` (recipes/README.md lists "
+            "them; --help lists every key)."
+        )
     record = recipe_record(argv)
     check_training_values(record)
     from memtrain.trainer import MemTrainer
