@@ -208,6 +208,24 @@ def test_local_adapter_loads_on_its_base_and_changes_outputs(tmp_path, tiny_dir,
         load_model_and_tokenizer(str(tmp_path / "adapter"), peft_config=LoraConfig(r=2))
 
 
+def test_adapter_is_served_as_its_merged_checkpoint(tmp_path, tiny_dir, tokenizer, monkeypatch):
+    """vLLM loads whole checkpoints: a LoRA output folder becomes its base with the adapter merged, once per adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from memtrain.models import servable_checkpoint
+
+    monkeypatch.setenv("MEMTRAIN_CACHE", str(tmp_path / "cache"))
+    reference = save_adapter(tiny_dir, tokenizer, tmp_path / "adapter")
+    served = Path(servable_checkpoint(str(tmp_path / "adapter")))
+    assert served.parent == tmp_path / "cache" / "models" / "merged" and not (served / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(served)
+    assert torch.allclose(logits(merged, tokenizer), logits(reference, tokenizer), atol=1e-5)
+    assert servable_checkpoint(str(tmp_path / "adapter")) == str(served)  # merged once
+    save_adapter(tiny_dir, tokenizer, tmp_path / "adapter", seed=2)  # retrained in place: merged again
+    assert servable_checkpoint(str(tmp_path / "adapter")) != str(served)
+    assert servable_checkpoint(str(tiny_dir)) == str(tiny_dir)  # a full checkpoint is served as it is
+
+
 def test_hub_adapter_repo_resolves_its_base(tmp_path, tiny_dir, tokenizer, monkeypatch):
     """Only the Hub is mocked: downloads of `user/tiny-lora` are served from a local folder."""
     adapter = tmp_path / "hub" / "user--tiny-lora"

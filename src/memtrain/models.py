@@ -16,8 +16,10 @@ cannot be loaded yields ONE error listing every source tried and why each failed
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from peft import PeftConfig
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
     from trl import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PACKAGED_MODELS",
@@ -253,6 +257,53 @@ def resolve_model_path(name_or_path: str) -> str:
     if canonical is None:
         return name_or_path
     return str(_convert_packaged(canonical))
+
+
+def servable_checkpoint(name_or_path: str) -> str:
+    """A full checkpoint folder an inference engine (vLLM) can load: packaged names converted, adapters merged.
+
+    vLLM loads whole checkpoints, and the output of a LoRA/QLoRA run (a local folder or a Hub repo) holds only the
+    adapter. It is merged into its base (loaded unquantized, in the base's dtype) once, into
+    ``model_cache_dir()/merged/<name>-<digest>``; the digest covers the adapter's files, so a retrained adapter in the
+    same folder is merged again. Anything else comes back as :func:`resolve_model_path` gives it.
+    """
+    resolved = resolve_model_path(name_or_path)
+    local = Path(resolved).expanduser()
+    if (local / ADAPTER_CONFIG).is_file():
+        adapter_dir: Path | None = local
+    elif local.exists() or resolved.startswith((".", "/", "~")):
+        adapter_dir = None
+    else:
+        try:
+            adapter_dir = _hub_adapter_dir(resolved, None, None)
+        except Exception:  # not a Hub adapter repo (or unreachable): vLLM resolves the name itself
+            adapter_dir = None
+    if adapter_dir is None:
+        return resolved
+    digest = hashlib.sha256()
+    for file in sorted(adapter_dir.iterdir()):
+        if file.is_file() and (file.name.startswith("adapter_") or file.name.startswith("tokenizer")):
+            digest.update(file.name.encode() + file.read_bytes())
+    target = model_cache_dir() / "merged" / f"{adapter_dir.name}-{digest.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return str(target)
+    logger.info("merging the adapter %s into its base for the inference engine: %s", name_or_path, target)
+    model, tokenizer = load_model_and_tokenizer(str(adapter_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.merge_and_unload().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)  # atomic: the folder appears complete or not at all
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process merged it first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(target)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:

@@ -14,6 +14,7 @@ adapters, logging, checkpoints) and replaces what happens between a batch of doc
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -53,6 +54,9 @@ from memtrain.models import upcast_trainable_params
 from memtrain.preflight import check_grpo_options
 from memtrain.rewards import get_reward_funcs, recall_score
 from memtrain.vllm_rollouts import VLLMRolloutSession, check_vllm_version, memtrain_vllm_generation, sync_counter
+
+
+logger = logging.getLogger(__name__)
 
 
 class TrainerGenerator:
@@ -221,6 +225,12 @@ class MemTrainer(GRPOTrainer):
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         self.check_launcher(self.args, self.is_deepspeed_enabled)  # also a DeepSpeed plugin passed in code
+        state = self.accelerator.state
+        plugin = getattr(state, "fsdp_plugin", None)
+        fsdp = f" (FSDP{getattr(plugin, 'fsdp_version', 1)})" if plugin is not None else ""
+        logger.info(
+            "launch: %d process(es), %s%s on %s", state.num_processes, state.distributed_type.value, fsdp, state.device
+        )
         # Runs before the model is sharded (Trainer.train prepares it), so fully_shard takes the fp32 reduction.
         policy = self._fp32_reduce_policy(getattr(self.accelerator.state, "fsdp_plugin", None))
         if policy is not None:

