@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import refusal
 from huggingface_hub import DatasetCard
 
 from memtrain.data.build import BuildDatasetArguments
+from memtrain.preflight import PreflightError
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +64,7 @@ def test_existing_output_and_failed_builds_leave_nothing_half_written(tmp_path, 
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+    with pytest.raises(PreflightError, match="--overwrite_output_dir"):
         main(_argv(existing, smollm2_tokenizer_dir))
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     with pytest.raises(ValueError, match="one document needs 401"):
@@ -111,3 +113,33 @@ def test_a_doomed_push_is_found_before_the_build_and_a_failed_one_keeps_the_outp
     with pytest.raises(PushError, match="holds the complete local output, but the push to someone/memtrain-wiki"):
         _script_main()(_argv(tmp_path / "out", smollm2_tokenizer_dir, *push))
     assert (tmp_path / "out" / "data" / "train-00000-of-00001.parquet").is_file()
+
+
+@pytest.mark.parametrize(
+    ("corpus", "extra", "pattern"),
+    [
+        (b"Caf\xe9 society in Paris was a thing of its own time and place.\n", [],
+         r"Corpus file .*corpus.txt line 1 is not UTF-8 .*iconv"),
+        (b"", [], r"corpus.txt: none of its 1 row\(s\) holds a paragraph .*\(1 empty, 0 shorter\)"),
+        (b"Too short.\n", [], r"corpus.txt: none of its 1 row\(s\) holds a paragraph .*lower --min_words"),
+        (None, ["--corpus", "builtin:wiki-sample", "--corpus_limit", "300", "--tokenizer_name_or_path", "no-such/x"],
+         r"--tokenizer_name_or_path: Could not load the tokenizer 'no-such/x'"),
+        (None, ["--corpus", "builtin:wiki-sample", "--output_dir", "EXISTING"],
+         r"Output folder .*existing already exists and is not empty.*--overwrite_output_dir true"),
+    ],
+)  # fmt: skip
+def test_bad_corpora_tokenizers_and_folders_are_one_line_errors(corpus, extra, pattern, tmp_path, capsys):
+    import re
+
+    if corpus is not None:
+        (tmp_path / "corpus.txt").write_bytes(corpus)
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "keep.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    extra = [str(tmp_path / "existing") if value == "EXISTING" else value for value in extra]
+    argv = ["build-data", "--corpus", str(tmp_path / "corpus.txt"), "--num_documents", "2", "--output_dir",
+            str(tmp_path / "out"), "--show_progress", "false", *extra]  # fmt: skip
+    line = refusal(argv, capsys)
+    assert re.search(pattern, line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no folder, staging or lock
+    assert [p.name for p in (tmp_path / "existing").iterdir()] == ["keep.txt"]

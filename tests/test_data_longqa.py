@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import refusal
 
 from memtrain.data.longqa import (
     ParagraphPool,
@@ -19,6 +20,7 @@ from memtrain.data.longqa import (
     parse_example,
     render_documents,
 )
+from memtrain.preflight import PreflightError
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longqa"
@@ -232,7 +234,7 @@ def test_build_script_from_recipe(tmp_path, monkeypatch):
     assert "split: test_n25" in (out / "README.md").read_text()
     stats = json.loads((out / "build_stats.json").read_text())
     assert stats["rows"] == {"train": 12, "test_n20": 3, "test_n25": 3}
-    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+    with pytest.raises(PreflightError, match="overwrite_output_dir"):
         main([str(recipe), "--output_dir", str(out)])
     with pytest.raises(ValueError, match="pool has only"):
         main([str(recipe), "--output_dir", str(tmp_path / "big"), "--test_buckets", "500"])
@@ -277,3 +279,25 @@ def test_real_smollm2_closed_book_filter(examples):
     assert len(kept) + len(dropped) == len(examples)
     for row in dropped:
         assert answered_without_context(row["closed_book_completion"], row["answers"])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "extra", "pattern"),
+    [
+        ("q.jsonl", b'{"question": "caf\xe9"}\n', [], r"Question file .*q.jsonl line 1 is not UTF-8 .*iconv"),
+        ("q.jsonl", b"", ["--strict", "true"], r"--test_source .*q.jsonl holds no questions"),
+        ("q.json", b"[]", [], r"--test_source .*q.json holds no questions"),
+        ("q.json", b"question,answer\n", [], r"Question file .*q.json is not valid json \(Expecting value"),
+        ("missing.jsonl", None, [], r"missing.jsonl is not a question file"),
+        ("q.jsonl", b"{}", ["--num_test_questions", "-1"], r"--num_test_questions must be >= 1, got -1"),
+        ("q.jsonl", b"{}", ["--num_test_questions", "0"], r"--num_test_questions must be >= 1, got 0"),
+    ],
+)
+def test_bad_question_files_and_counts_are_one_line_errors(name, content, extra, pattern, tmp_path, capsys):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["build-longqa", "--test_source", str(tmp_path / name), "--output_dir", str(tmp_path / "out"), *extra]
+    line = refusal(argv, capsys)
+    assert re.search(pattern, line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no folder, staging or lock

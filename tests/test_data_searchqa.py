@@ -7,8 +7,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import refusal
 
 from memtrain.data.searchqa import build_multi_question_rows, load_qa_pairs, parse_qa_rows
+from memtrain.preflight import PreflightError
 from memtrain.rewards import REWARD_FUNCS
 
 
@@ -74,7 +76,7 @@ def test_build_writes_parquet_and_a_card_that_load_dataset_reads(tmp_path, capsy
     assert "path: data/train-00000-of-00001.parquet" in card and "Rows: 5. Seed 2." in card
     loaded = load_dataset(str(out), split="train")  # the card's configs point at the parquet, not dataset/
     assert len(loaded) == 5 and loaded[0]["sources"] == ["nq_test_17", "hotpotqa_train_12"]
-    with pytest.raises(FileExistsError, match="--overwrite_output_dir true"):
+    with pytest.raises(PreflightError, match="--overwrite_output_dir true"):
         main(argv)
     main([*argv[:-4], "--num_rows", "3", "--output_dir", str(out), "--overwrite_output_dir", "true"])
     # load_dataset caches a rebuilt folder by its name (it would still see 5 rows); training reads dataset/
@@ -110,3 +112,26 @@ def test_settings_come_from_a_yaml_file_and_help_lists_every_key(tmp_path, capsy
     assert "(default: outputs/data/searchqa)" in text
     with pytest.raises(ValueError, match="Give the question files"):
         main(["--num_rows", "2", "--output_dir", str(tmp_path / "none")])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "pattern"),
+    [
+        ("q.jsonl", b'{"question": "caf\xe9", "answer": "x"}\n', r"QA file .*q.jsonl line 1 is not UTF-8 .*iconv"),
+        ("q.csv", b"question,answer\nwho,me\n", r"QA file .*q.csv is not valid JSON \(Expecting value"),
+        ("q.jsonl", b'{"question": "who", "answer": "me"}\n{"question"\n', r"QA file .*q.jsonl line 2 is not valid"),
+        ("q.jsonl", b"", r"QA file .*q.jsonl holds no question rows"),
+        ("missing.jsonl", None, r"QA file .*missing.jsonl does not exist"),
+    ],
+)
+def test_bad_question_files_are_one_line_errors(name, content, pattern, tmp_path, capsys):
+    import re
+
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["build-searchqa", "--questions", str(tmp_path / name), "--num_rows", "2", "--output_dir",
+            str(tmp_path / "out")]  # fmt: skip
+    line = refusal(argv, capsys)
+    assert re.search(pattern, line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no folder, staging or lock

@@ -167,3 +167,25 @@ def test_backend_vllm_builds_the_in_process_engine(fake_vllm, tiny_checkpoint, t
         4,
         0.9,
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "pattern"),
+    [
+        ("rows.jsonl", b'{"prompt": "caf\xe9", "context": "c", "answers": ["a"]}\n',
+         r"--dataset .*rows.jsonl line 1 is not UTF-8 .*iconv"),
+        ("rows.json", b'[{"prompt": "caf\xe9"}]', r"--dataset .*rows.json line 1 is not UTF-8"),
+        ("rows.jsonl", b'{"prompt": "q", "context": ', r"--dataset .*rows.jsonl line 1: invalid JSON"),
+    ],
+)  # fmt: skip
+def test_an_unreadable_dataset_is_named_before_the_model_loads(name, content, pattern, tmp_path, capsys):
+    import re
+
+    from conftest import refusal
+
+    (tmp_path / name).write_bytes(content)
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--dataset", str(tmp_path / name), "--output_dir",
+            str(tmp_path / "out")]  # fmt: skip
+    line = refusal(argv, capsys)
+    assert re.search(pattern, line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

@@ -469,3 +469,32 @@ def test_serve_settings_parse_from_yaml_and_help_lists_every_key(tmp_path, capsy
     assert "--topk 500 is out of range" in capsys.readouterr().err
     assert _exits([str(settings), "--topk", "3", "--method", "sparse"])
     assert "pass --method bm25 or --method dense" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("corpus", "extra", "pattern"),
+    [
+        (None, ["--port", "-5"], r"--port -5 is not a TCP port; pass --port between 1 and 65535"),
+        (None, ["--port", "70000"], r"--port 70000 is not a TCP port"),
+        (None, ["--limit", "0"], r"--limit 0 would serve no passages"),
+        (None, ["--port", "BUSY"], r"cannot listen on 127.0.0.1:\d+ \(Address already in use\); pass another --port"),
+        (b'{"id": "1", "contents": "caf\xe9"}\n', [], r"Corpus file .*corpus.jsonl line 1 is not UTF-8 .*iconv"),
+        (b"", [], r"corpus.jsonl: no rows were read"),
+    ],
+)
+def test_bad_serve_settings_and_corpora_are_one_line_errors(corpus, extra, pattern, tmp_path, capsys):
+    """Refused before the index is built (a port in use used to fail only after it): exit 2, one line."""
+    import re
+
+    from conftest import refusal
+
+    path = CORPUS
+    if corpus is not None:
+        path = tmp_path / "corpus.jsonl"
+        path.write_bytes(corpus)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        extra = [str(busy.getsockname()[1]) if value == "BUSY" else value for value in extra]
+        line = refusal(["serve-retriever", "--corpus", str(path), *extra], capsys)
+    assert re.search(pattern, line), line

@@ -37,6 +37,8 @@ __all__ = [
     "check_dataset_size",
     "check_grpo_options",
     "check_utf8_file",
+    "not_utf8",
+    "read_utf8_text",
     "complete_checkpoints",
     "is_complete_checkpoint",
     "clear_previous_run",
@@ -338,7 +340,7 @@ def check_push(repo_id: str | None, token: str | None) -> str:
     return str(account.get("name", "")) if isinstance(account, Mapping) else ""
 
 
-def check_utf8_file(path: str | Path) -> None:
+def check_utf8_file(path: str | Path, what: str = "Dataset") -> None:
     """A text data file decodes as UTF-8 (else the error would surface as a raw UnicodeDecodeError mid-training)."""
     path = Path(path)
     with path.open("rb") as handle:
@@ -347,9 +349,31 @@ def check_utf8_file(path: str | Path) -> None:
                 line.decode("utf-8")
             except UnicodeDecodeError as error:
                 raise PreflightError(
-                    f"Dataset {path} line {number} is not UTF-8 ({error.reason} at byte {error.start}); convert the "
+                    f"{what} {path} line {number} is not UTF-8 ({error.reason} at byte {error.start}); convert the "
                     "file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
                 ) from None
+
+
+def not_utf8(path: str | Path, error: UnicodeDecodeError, what: str = "File") -> PreflightError:
+    """The one-line error for a text file that is not UTF-8: the file, the line (plain files) and the fix."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() != ".gz":
+        try:
+            check_utf8_file(path, what)
+        except PreflightError as named:
+            return named
+    return PreflightError(
+        f"{what} {path} is not UTF-8 ({error.reason} at byte {error.start}); convert it to UTF-8 (e.g. `iconv -f "
+        "latin1 -t utf-8`)."
+    )
+
+
+def read_utf8_text(path: str | Path, what: str = "File") -> str:
+    """A text file's content (a UTF-8 byte-order mark dropped); one line naming the file when it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise not_utf8(path, error, what) from None
 
 
 def check_training_rows(rows: Any, source: str, task: str = "memory") -> None:

@@ -433,6 +433,26 @@ class RetrieverServerArguments:
         for name in ("max_queries", "max_body_bytes", "client_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}.")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(
+                f"--port {self.port} is not a TCP port; pass --port between 1 and 65535 (0: any free one)."
+            )
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit {self.limit} would serve no passages; pass --limit >= 1 or leave it out.")
+
+
+def _check_address(host: str, port: int) -> None:
+    """Bind the address once before the (slow) index build: a port in use or a host not of this machine fails now."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        raise ValueError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); pass another --port (0: any free one) or "
+            "--host."
+        ) from None
 
 
 def _refuse(message: str) -> None:
@@ -447,6 +467,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         (args,) = parse_recipe_args(list(sys.argv[1:] if argv is None else argv), (RetrieverServerArguments,))
+    except ValueError as error:
+        _refuse(str(error))
+    try:
+        _check_address(args.host, args.port)
     except ValueError as error:
         _refuse(str(error))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

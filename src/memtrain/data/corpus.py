@@ -157,7 +157,7 @@ def load_corpus(
     path, fmt = _detect(source, format)
     stats = CorpusStats(source=str(source), format=fmt)
     columns = _Columns(explicit={"text": text_column, "title": title_column, "id": id_column})
-    rows = _iter_rows(path, fmt, source, split=split, config=config, streaming=streaming)
+    rows = _named_decode_errors(_iter_rows(path, fmt, source, split=split, config=config, streaming=streaming), path)
     if show_progress:
         from tqdm.auto import tqdm
 
@@ -202,8 +202,24 @@ def load_corpus(
     stats.paragraphs = len(paragraphs)
     if stats.rows == 0:
         raise CorpusError(f"{source}: no rows were read (empty file or split {split!r}).")
+    if not paragraphs:
+        raise CorpusError(
+            f"{source}: none of its {stats.rows} row(s) holds a paragraph of at least min_words {min_words} words "
+            f"({stats.empty} empty, {stats.too_short} shorter); give text, or lower --min_words."
+        )
     logger.info(stats.summary())
     return CorpusLoadResult(paragraphs=paragraphs, stats=stats)
+
+
+def _named_decode_errors(rows: Iterator[tuple[int, Any]], path: Path | None) -> Iterator[tuple[int, Any]]:
+    """The rows; a file that is not UTF-8 is named (with its line) in one line instead of a bare codec error."""
+    from memtrain.preflight import not_utf8
+
+    try:
+        yield from rows
+    except UnicodeDecodeError as error:
+        file = getattr(error, "memtrain_file", None) or path
+        raise CorpusError(str(not_utf8(file, error, "Corpus file")) if file else str(error)) from None
 
 
 def _detect(source: str, format: str | None) -> tuple[Path | None, str]:
@@ -387,8 +403,12 @@ def _read_text_files(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
     if not files:
         raise CorpusError(f"{path} holds no .txt files; pass a .txt file or a folder of them.")
     for index, file in enumerate(files):
-        with _open_text(file) as handle:
-            text = handle.read()
+        try:
+            with _open_text(file) as handle:
+                text = handle.read()
+        except UnicodeDecodeError as error:
+            error.memtrain_file = file  # a folder of .txt files: name the file, not the folder
+            raise
         title = file.name[: -len(".txt.gz")] if file.name.lower().endswith(".txt.gz") else file.stem
         relative = file.relative_to(path) if path.is_dir() else Path(file.name)
         yield index, {"id": str(relative.with_name(title)), "title": title, "__blocks__": text}

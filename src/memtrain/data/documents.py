@@ -251,8 +251,12 @@ class DocumentBuilder:
         self.tokenizer = tokenizer
         if tokenizer is None and config.tokenizer_name_or_path:
             from memtrain.models import load_tokenizer
+            from memtrain.preflight import error_summary
 
-            self.tokenizer = load_tokenizer(config.tokenizer_name_or_path)
+            try:
+                self.tokenizer = load_tokenizer(config.tokenizer_name_or_path)
+            except OSError as error:  # a ValueError naming the key: one line on the command line, not a traceback
+                raise ValueError(f"--tokenizer_name_or_path: {error_summary(error)}") from None
         self._counter: TokenCounter | None = None
 
     @property

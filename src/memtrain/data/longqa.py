@@ -132,11 +132,20 @@ def load_examples(
     """Questions from a local ``.json``/``.jsonl`` file or a Hub dataset id (``hotpot_qa`` with ``config``)."""
     path = Path(source)
     if path.is_file():
-        text = path.read_text(encoding="utf-8-sig")
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            rows = json.loads(text)
+        from memtrain.preflight import read_utf8_text
+
+        text = read_utf8_text(path, "Question file")
+        try:
+            if path.suffix == ".jsonl":
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"Question file {path} is not valid {path.suffix[1:] or 'JSON'} ({error}); give HotpotQA rows as a "
+                ".json list or .jsonl lines."
+            ) from None
+        if path.suffix != ".jsonl":
             if isinstance(rows, Mapping):
                 rows = rows.get("data", rows.get(split))
             if not isinstance(rows, list):
@@ -394,6 +403,10 @@ class LongQABuildArguments:
         bad = [n for n in self.test_buckets if not isinstance(n, int) or n < 1]
         if bad or self.train_num_docs < 1:
             raise ValueError(f"document counts must be positive integers, got {bad or [self.train_num_docs]}.")
+        for name in ("num_test_questions", "max_train_questions", "filter_max_new_tokens", "filter_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}.")
 
 
 DATASET_CARD = """---
@@ -440,6 +453,10 @@ def run_build_longqa(args: LongQABuildArguments) -> Path:
         sources["train"] = load_examples(args.train_source, args.train_split, args.hub_config)
     if args.test_source:
         sources["test"] = load_examples(args.test_source, args.test_split, args.hub_config)
+    for name, examples in sources.items():  # 0 rows in every split, exit 0, was the result before
+        if not examples:
+            source = getattr(args, f"{name}_source")
+            raise ValueError(f"--{name}_source {source} holds no questions; give a HotpotQA-style file with rows.")
     stats: dict[str, Any] = {"questions": {name: len(examples) for name, examples in sources.items()}}
     if args.filter_model:
         from memtrain.agent.generation import SamplingConfig, TransformersGenerator

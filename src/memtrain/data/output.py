@@ -103,9 +103,13 @@ def data_files_yaml(splits: Sequence[str]) -> str:
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
     """Refuse a non-empty output folder unless ``overwrite`` (the build replaces it atomically at the end)."""
+    from memtrain.preflight import PreflightError
+
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PreflightError(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir.")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise PreflightError(  # a ValueError: the command line prints it as one line, exit 2
             f"Output folder {output_dir} already exists and is not empty. Pass --overwrite_output_dir true to "
             "replace it, or choose another --output_dir."
         )

@@ -59,13 +59,27 @@ def load_qa_pairs(path: str | Path, name: str | None = None, limit: int | None =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"QA file {path} does not exist.")
-    text = path.read_text(encoding="utf-8-sig")
+    from memtrain.preflight import read_utf8_text
+
+    text = read_utf8_text(path, "QA file")
+    fix = "give question rows as a .json list or .jsonl lines"
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"QA file {path} line {number} is not valid JSON ({error}); {fix}.") from None
     else:
-        rows = json.loads(text)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path} must hold a JSON list of question rows (or use .jsonl).")
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"QA file {path} is not valid JSON ({error}); {fix}.") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} must hold a JSON list of question rows (or use .jsonl).")
+    if not rows:
+        raise ValueError(f"QA file {path} holds no question rows; give a file with rows.")
     return parse_qa_rows(rows[:limit] if limit else rows, name or path.stem)
 
 

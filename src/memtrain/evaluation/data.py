@@ -33,7 +33,9 @@ def _pick_splits(loaded: Any, source: str, split: str | None) -> list[Any]:
 
 
 def _json_rows(path: Path, source: str) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    from memtrain.preflight import read_utf8_text
+
+    text = read_utf8_text(path, "--dataset")
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(text.splitlines(), start=1):
