@@ -94,7 +94,23 @@ def test_multi_question_rows_become_one_row_per_question():
     (search,) = expand_questions(rows[:1], "search")
     assert search["prompt"] == "Who met Bob?\nWhich river flows through Lyon?" and len(search["answers"]) == 2
     with pytest.raises(ValueError, match=r"row 0: 2 questions need `answers` as one list of accepted answers"):
-        expand_questions([{**rows[0], "answers": ["Ann", "Rhone"]}], "longqa")
+        expand_questions([{**rows[0], "answers": ["Ann"]}], "longqa")
+    with pytest.raises(ValueError, match=r"or one answer string per question, got \[\['Ann'\], 'Rhone'\]"):
+        expand_questions([{**rows[0], "answers": [["Ann"], "Rhone"]}], "longqa")
+
+
+def test_l_eval_layout_one_answer_string_per_question_is_accepted():
+    """L-Eval rows: `input` (the document), `instructions` (its questions), `outputs` (one answer string each)."""
+    row = {"id": "doc", "input": "Ann met Bob in Oslo. The Rhone flows through Lyon.",
+           "instructions": ["Who met Bob?", "Which river flows through Lyon?"], "outputs": ["Ann", "The Rhone"]}  # fmt: skip
+    rows = map_columns([row], "leval.jsonl", prompt="instructions", context="input", answers="outputs")
+    expanded = expand_questions(rows, "longqa")
+    assert [(r["id"], r["prompt"], r["answers"], r["context"]) for r in expanded] == [
+        ("doc/q0", "Who met Bob?", ["Ann"], row["input"]),
+        ("doc/q1", "Which river flows through Lyon?", ["The Rhone"], row["input"]),
+    ]
+    (search,) = expand_questions(rows, "search")
+    assert search["answers"] == [["Ann"], ["The Rhone"]]
 
 
 @pytest.fixture

@@ -149,13 +149,19 @@ def expand_questions(rows: Sequence[Mapping[str, Any]], task: str, source: str =
         if not questions or not all(isinstance(q, str) and q.strip() for q in questions):
             raise ValueError(f"{where}: `prompt` is a list of questions but some are empty or not strings.")
         if (
+            isinstance(answers, (list, tuple))
+            and len(answers) == len(questions)
+            and all(isinstance(a, str) for a in answers)
+        ):
+            answers = [[a] for a in answers]  # one answer string per question (L-Eval's `outputs`)
+        if (
             not isinstance(answers, (list, tuple))
             or len(answers) != len(questions)
             or not all(isinstance(a, (list, tuple)) for a in answers)
         ):
             raise ValueError(
                 f"{where}: {len(questions)} questions need `answers` as one list of accepted answers per question "
-                f"(a list of {len(questions)} lists), got {answers!r:.200}."
+                f"(a list of {len(questions)} lists) or one answer string per question, got {answers!r:.200}."
             )
         if task == "search":
             expanded.append({**row, "prompt": "\n".join(questions), "answers": [list(a) for a in answers]})
