@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from test_hub import FakeHubServer
 
 from memtrain.configs import parse_recipe_args
-from memtrain.preflight import PreflightError
+from memtrain.preflight import PreflightError, is_complete_checkpoint
 from memtrain.rewards import register_reward
 from memtrain.train import cli, load_training_dataset, main, resolve_checkpoint
 
@@ -214,9 +214,41 @@ def test_resume_from_a_real_checkpoint_after_a_killed_save(tiny_checkpoint, buil
     broken = output_dir / "checkpoint-2"
     broken.mkdir()
     (broken / "optimizer.pt").write_bytes(b"")
+    (broken / ".tmpa1b2c3").write_bytes(b"x" * 1000)  # a temporary file the killed save left behind
     metrics = main([str(path), "--max_steps", "2", "--resume_from_checkpoint", "last"])
     assert "train_runtime" in metrics
     assert (output_dir / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (broken / ".tmpa1b2c3").exists()  # the half-written save was cleared before being redone
+
+
+def test_a_run_killed_before_its_first_checkpoint_goes_on_in_place(tiny_checkpoint, built_documents, tmp_path, capsys):
+    """A rerun is refused and points at `--resume_from_checkpoint last`, which now starts it again in place (it
+    used to refuse too, pointing at a new output_dir: a circle)."""
+    output_dir = tmp_path / "run"
+    (output_dir / "checkpoint-1").mkdir(parents=True)
+    (output_dir / "warm_start_losses.json").write_text("[1.4, 0.2]")
+    (output_dir / "checkpoint-1" / "optimizer.pt").write_bytes(b"")  # killed during its first save
+    (output_dir / "checkpoint-1" / ".tmpa1b2c3").write_bytes(b"x" * 1000)
+    path = write_recipe(tmp_path, full_recipe(tiny_checkpoint, built_documents, output_dir))
+    line = refusal(["train", str(path)], capsys)
+    assert "already holds files of another run" in line and "--resume_from_checkpoint last" in line
+    metrics = main([str(path), "--resume_from_checkpoint", "last"])
+    assert "train_runtime" in metrics
+    assert is_complete_checkpoint(output_dir / "checkpoint-1")
+    assert not (output_dir / "checkpoint-1" / ".tmpa1b2c3").exists()
+    assert not (output_dir / "warm_start_losses.json").exists()  # no warm start in this recipe: the old one went
+
+
+def test_resume_last_never_restarts_over_a_finished_run(built_documents, tmp_path, capsys):
+    """A folder with a final model but no checkpoint (save_strategy no) is not an unfinished run: still refused."""
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "model.safetensors").write_bytes(b"finished model")
+    (output_dir / "warm_start_losses.json").write_text("[1.4]")
+    path = write_recipe(tmp_path, full_recipe(tmp_path / "no-model", built_documents, output_dir))
+    line = refusal(["train", str(path), "--resume_from_checkpoint", "last"], capsys)
+    assert "has no complete one" in line
+    assert (output_dir / "model.safetensors").read_bytes() == b"finished model"
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,27 @@ def _is_blank(path: Path) -> bool:
     return True
 
 
+# Files a run writes before its first checkpoint: a run killed then leaves only these (and half-written checkpoints).
+UNFINISHED_RUN_FILES = ("warm_start_losses.json",)
+_LAST = ("last", "latest", "true")
+
+
+def unfinished_run_files(output_dir: str | Path) -> list[Path]:
+    """The files of a run killed before its first complete checkpoint; [] when the folder holds anything else.
+
+    Such a run cannot be resumed (no checkpoint) and its folder is not empty: ``resume_from_checkpoint: last``
+    starts it again in place instead of sending the user to a new output_dir.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    complete, incomplete = complete_checkpoints(folder)
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if complete or any(p not in incomplete and p.name not in UNFINISHED_RUN_FILES for p in files):
+        return []
+    return files
+
+
 def resolve_checkpoint(checkpoint: str | None, output_dir: str) -> str | None:
     """The checkpoint to resume: ``last``/``latest``/``true`` is the newest COMPLETE one in ``output_dir``.
 
@@ -194,9 +216,11 @@ def _train(
         check_vllm_version()
     if script_args.dataset_name is None:
         raise ValueError("Set `dataset_name:` in the recipe (a built dataset folder, a file, or a Hub dataset id).")
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    restart = unfinished_run_files(training_args.output_dir) if str(resume).lower() in _LAST else []
+    checkpoint = None if restart else resolve_checkpoint(resume, training_args.output_dir)
     overwrite = checkpoint is None and training_args.overwrite_output_dir
-    check_output_dir(training_args.output_dir, resuming=checkpoint is not None, overwrite=overwrite)
+    check_output_dir(training_args.output_dir, resuming=checkpoint is not None or bool(restart), overwrite=overwrite)
     # memtrain pushes once, at the end, with its own card (adapter or full weights); Trainer's own pushes (a repo at
     # start, every checkpoint, its generic card) are switched off so the Hub never holds a card-less checkpoint.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
@@ -220,6 +244,22 @@ def _train(
             if training_args.process_index == 0:
                 removed = clear_previous_run(training_args.output_dir)
                 logger.info("overwrite_output_dir: deleted the previous run's %s", ", ".join(removed) or "nothing")
+    elif restart or checkpoint is not None:
+        # Half-written checkpoints (a kill during a save, its temporary files included) are rewritten when the run
+        # reaches their step; a run killed before its first checkpoint starts again from step 0, warm start included.
+        with training_args.main_process_first(local=False, desc="clearing half-written checkpoints"):
+            if training_args.process_index == 0:
+                stale = restart or complete_checkpoints(training_args.output_dir)[1]
+                for path in stale:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if restart:
+                    logger.warning(
+                        "resume_from_checkpoint last: %s holds no complete checkpoint (the run was stopped before "
+                        "its first save); starting it again from step 0 in place (removed %s).",
+                        training_args.output_dir, ", ".join(p.name for p in restart),
+                    )  # fmt: skip
+                elif stale:
+                    logger.info("Removed half-written checkpoints: %s", ", ".join(p.name for p in stale))
 
     # A published memtrain adapter named as the model keeps training (its LoRA weights stay trainable).
     model, tokenizer = load_from_model_config(
