@@ -50,6 +50,8 @@ def test_a_killed_evaluation_resumes_from_its_scored_rows(tmp_path, tokenizer, g
     full = evaluate(ROWS, tokenizer, generator, CONFIG, tmp_path / "full", label="tiny")
     err = capsys.readouterr().err
     assert "tiny/agent: 1/3 rows (33%)" in err and "3/3 rows (100%)" in err and "ETA" in err
+    # a line before each batch too, so a long first batch is not silent
+    assert err.index("tiny/agent: batch 1/3: scoring 1 row(s)...") < err.index("tiny/agent: 1/3 rows (33%)")
     per_row = generator.prompts / 3
     # batch by batch, numbered as one pass over the rows: the same samples as the runner's single pass
     from memtrain.evaluation import Evaluator
@@ -96,6 +98,7 @@ def test_a_kill_inside_a_batch_reruns_that_batch_and_records_each_row_once(tmp_p
     err = capsys.readouterr().err
     assert "resuming: 1/3 rows already scored" in err
     assert "2/3 rows (67%)" in err and "3/3 rows (100%)" in err and "4/3" not in err
+    assert "batch 1/2: scoring 1 row(s)..." in err  # the batch reruns for its one unscored row
 
 
 def test_other_settings_are_refused_unless_overwrite(tmp_path, tokenizer, generator):

@@ -112,6 +112,10 @@ class Progress:
     def _print(self, text: str) -> None:
         print(f"[memtrain eval] {self.name}: {text}", file=sys.stderr, flush=True)
 
+    def starting(self, batch_index: int, num_batches: int, rows: int) -> None:
+        """A line before each batch: a batch of long documents can take minutes before its first result."""
+        self._print(f"batch {batch_index + 1}/{num_batches}: scoring {rows} row(s)...")
+
     def update(self, rows: int) -> None:
         self.done += rows
         elapsed = time.perf_counter() - self.start
@@ -175,6 +179,7 @@ def evaluate(
             if len(scored) == len(indices):
                 continue
             batch = [rows[i] for i in indices]
+            progress.starting(batch_index, len(chunks), len(indices) - len(scored))
             output = evaluator.run(batch, mode, batch_index=batch_index)
             scores = evaluator.score(batch, output)
             for j, i in enumerate(indices):
