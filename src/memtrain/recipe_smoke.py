@@ -196,28 +196,31 @@ def build_tiny_model(folder: Path, architecture: str) -> Path:
     return save_tiny_model(folder, tokenizer, architecture)
 
 
-def build_smoke_dataset(task: str, work: Path, python: str = sys.executable) -> Path:
+# The data each task trains on in a smoke run: the CPU data recipe that builds it (shrunk), or a builder command.
+TASK_DATA_RECIPES = {
+    "memtrain": "recipes/data/memtrain-wiki-cpu.yaml",
+    "longqa": "recipes/data/longqa-hotpotqa-cpu.yaml",
+}
+SEARCH_DATA_COMMAND = [
+    "scripts/build_searchqa.py", "--questions", "tests/fixtures/search/nq_test_17.jsonl",
+    "tests/fixtures/longqa/hotpotqa_train_12.json", "--num_rows", "8",
+]  # fmt: skip
+
+
+def build_smoke_dataset(task: str, work: Path) -> Path:
     """A few rows of ``task`` built by the project's own builders (in a child process), once per ``work`` folder."""
-    output = work / f"data-{task}"
-    if (output / "dataset").exists() or (output / "data").exists():
+    if task in TASK_DATA_RECIPES:
+        recipe = REPO / TASK_DATA_RECIPES[task]
+        output = work / f"data-recipe-{recipe.stem}"
+        if not (output / "data").is_dir():
+            run_data_recipe_smoke(recipe, work)
         return output
-    if task == "memtrain":
-        command = [python, "scripts/build_dataset.py", "recipes/data/memtrain-wiki-cpu.yaml", "--num_documents", "6"]
-    elif task == "longqa":
-        command = [
-            python,
-            "scripts/build_longqa.py",
-            "recipes/data/longqa-hotpotqa-cpu.yaml",
-            "--train_num_docs",
-            "12",
-        ]
-        command += ["--test_buckets", "24", "--num_test_questions", "2"]
-    elif task == "search":
-        command = [python, "scripts/build_searchqa.py", "--questions", "tests/fixtures/search/nq_test_17.jsonl"]
-        command += ["tests/fixtures/longqa/hotpotqa_train_12.json", "--num_rows", "8"]
-    else:
+    if task != "search":
         raise ValueError(f"Unknown smoke task {task!r}; one of memtrain, longqa, search.")
-    _run([*command, "--output_dir", str(output)], REPO, smoke_env(), 900, work / f"build-{task}.log")
+    output = work / "data-search"
+    if not (output / "data").is_dir():
+        command = [sys.executable, *SEARCH_DATA_COMMAND, "--output_dir", str(output)]
+        _run(command, REPO, smoke_env(), 900, work / "build-search.log")
     return output
 
 
@@ -320,7 +323,7 @@ def eval_command(
     command += ["--dataset", str(dataset), "--task", EVAL_TASK[task], "--output_dir", str(output_dir)]
     command += ["--limit", "2", "--batch_size", "2", "--modes", "agent"]
     if task == "longqa":
-        command += ["--dataset_split", "test_n24"]
+        command += ["--dataset_split", f"test_n{DATA_SHRUNK['scripts/build_longqa.py']['test_buckets']}"]
     for key in ("chunk_size", "max_chunks", "max_problem_tokens", "max_memory_tokens", "max_answer_tokens"):
         command += [f"--{key}", str(SHRUNK[key])]
     for key in ("search_max_turns", "search_topk", "search_observation_tokens", "search_max_new_tokens"):
@@ -334,7 +337,12 @@ def eval_command(
 
 
 def run_recipe_smoke(
-    recipe: Path, work: Path, on_cpu: bool, extra_overrides: dict[str, Any] | None = None, timeout: int = 1200
+    recipe: Path,
+    work: Path,
+    on_cpu: bool,
+    extra_overrides: dict[str, Any] | None = None,
+    timeout: int = 1200,
+    evaluate: bool = True,
 ) -> SmokeRun:
     """Train one step with ``recipe`` through its documented launcher, then evaluate the result; raise on failure."""
     from memtrain.tiny_models import architecture_of
@@ -374,6 +382,8 @@ def run_recipe_smoke(
                 f"{smoke.recipe}: the run ended at step {smoke.global_step} having trained {smoke.rows_trained} "
                 f"rows; one optimizer step over trained rows was expected (log: {work / f'train-{name}.log'})."
             )
+        if not evaluate:
+            return smoke
         use_vllm = bool(overrides.get("use_vllm", values.get("use_vllm")))
         evaluated = {**values, "use_vllm": use_vllm}
         smoke.eval_command = eval_command(recipe, evaluated, run_dir, built, task, eval_dir, on_cpu, retriever_url)
@@ -390,6 +400,90 @@ class _Nothing:
         return None
 
 
+# Data recipes (recipes/data/): small counts, and local stand-ins for what a recipe reads from the Hub (applied only
+# where the recipe names a Hub id): the bundled Wikipedia sample, the offline MiniLM embedder, the packaged SmolLM2
+# tokenizer, the QA fixtures and a tiny closed-book filter model.
+DATA_SHRUNK: dict[str, dict[str, Any]] = {
+    "scripts/build_dataset.py": {
+        "num_documents": 4, "num_neighbours": 2, "num_random": 2, "corpus_limit": 600, "min_tokens": 200,
+        "max_tokens": 3000,
+    },
+    "scripts/build_longqa.py": {
+        "train_num_docs": 24, "test_buckets": 24, "num_test_questions": 2, "max_train_questions": 4,
+    },
+}  # fmt: skip
+DATA_LOCAL: dict[str, Any] = {
+    "corpus": "builtin:wiki-sample",
+    "streaming": False,
+    "embedding_model": "minilm",
+    "tokenizer_name_or_path": "smollm2-135m",
+    "train_source": "tests/fixtures/longqa/hotpotqa_train_12.json",
+    "test_source": "tests/fixtures/longqa/musique_train_3.json",
+    "filter_model": "<tiny>",  # the tiny model of the filter's architecture
+}
+
+
+def _is_hub_reference(value: Any, repo: Path = REPO) -> bool:
+    """A Hub id (``org/name``), not a local path, packaged name or builtin corpus."""
+    text = str(value)
+    return "/" in text and not text.startswith(("builtin:", ".", "/", "~")) and not (repo / text).exists()
+
+
+@dataclass
+class DataSmokeRun:
+    """One shrunk data-recipe build: what ran, how long, and the rows of each split it wrote."""
+
+    recipe: str
+    command: list[str]
+    overrides: dict[str, Any]
+    seconds: float = 0.0
+    splits: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def run_data_recipe_smoke(recipe: Path, work: Path, timeout: int = 900) -> DataSmokeRun:
+    """Build with a data recipe through the command its header documents, shrunk; raise on failure."""
+    from memtrain.tiny_models import architecture_of
+
+    recipe = recipe.resolve()
+    relative = recipe.relative_to(REPO).as_posix()
+    values = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    documented = next((shlex.split(c) for c in header_commands(recipe) if relative in shlex.split(c)), None)
+    if documented is None or documented[0] != "python" or documented[1] not in DATA_SHRUNK:
+        raise RecipeSmokeError(f"{relative}: its header documents no build command (python scripts/build_*.py).")
+    overrides: dict[str, Any] = dict(DATA_SHRUNK[documented[1]])
+    for key, local in DATA_LOCAL.items():
+        if key in values and (_is_hub_reference(values[key]) or (key == "streaming" and values[key])):
+            if local == "<tiny>":
+                architecture = architecture_of(str(values[key]))
+                local = build_tiny_model(work / f"tiny-{architecture}", architecture)
+            overrides[key] = local
+    output = work / f"data-recipe-{recipe.stem}"
+    shutil.rmtree(output, ignore_errors=True)
+    overrides["output_dir"] = output
+    command = [sys.executable, *documented[1:]]
+    command = command[: command.index(relative) + 1]  # the documented extra flags (e.g. a push) are not run
+    for key, value in overrides.items():
+        command += [f"--{key}", _cli_value(value)]
+    smoke = DataSmokeRun(recipe=relative, command=command, overrides={k: str(v) for k, v in overrides.items()})
+    smoke.seconds = round(_run(command, REPO, smoke_env(), timeout, work / f"build-{recipe.stem}.log"), 1)
+    import pyarrow.parquet as pq
+
+    for file in sorted((output / "data").glob("*.parquet")):
+        split = file.stem.split("-")[0]
+        smoke.splits[split] = smoke.splits.get(split, 0) + pq.read_metadata(file).num_rows
+    if not smoke.splits or not all(smoke.splits.values()) or not (output / "README.md").is_file():
+        raise RecipeSmokeError(f"{relative}: the build wrote {smoke.splits} and no card; see {work}/build-*.log")
+    return smoke
+
+
+def data_recipes(repo: Path = REPO) -> list[Path]:
+    """Every dataset-building recipe shipped in ``recipes/data/``."""
+    return sorted(repo.glob("recipes/data/*.yaml"))
+
+
 def shipped_recipes(repo: Path = REPO) -> list[Path]:
     """Every training recipe shipped in ``recipes/`` and ``recipes/post_training/``."""
     return sorted([*repo.glob("recipes/*.yaml"), *repo.glob("recipes/post_training/*.yaml")])
@@ -403,22 +497,33 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipes", nargs="*", type=Path, help="recipe files (default with --all: every one)")
-    parser.add_argument("--all", action="store_true", help="every recipe in recipes/ and recipes/post_training/")
+    parser.add_argument("--all", action="store_true", help="every recipe in recipes/, data/ and post_training/")
     parser.add_argument("--no_vllm", action="store_true", help="generate with transformers (use_vllm false)")
     parser.add_argument("--work_dir", type=Path, default=None, help="keep models, data, runs and logs here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more override")
+    parser.add_argument("--no_eval", action="store_true", help="train only (no `memtrain eval` afterwards)")
     args = parser.parse_args(argv)
-    recipes = shipped_recipes() if args.all else args.recipes
+    recipes = [*data_recipes(), *shipped_recipes()] if args.all else args.recipes
     if not recipes:
         parser.error("name recipe files or pass --all")
     on_cpu = not torch.cuda.is_available()
-    extra = {"use_vllm": False} if args.no_vllm else {}
+    extra: dict[str, Any] = {"use_vllm": False} if args.no_vllm else {}
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--set {pair}: expected KEY=VALUE, e.g. --set reward_funcs=masked_entity_em")
+        extra[key] = value
     failed = 0
     with tempfile.TemporaryDirectory(prefix="memtrain-recipe-smoke-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for recipe in recipes:
             try:
-                summary = {"status": "ok", **run_recipe_smoke(recipe, work, on_cpu, extra).summary()}
+                if recipe.resolve().parent == (REPO / "recipes" / "data").resolve():
+                    summary = {"status": "ok", **run_data_recipe_smoke(recipe, work).summary()}
+                else:
+                    run = run_recipe_smoke(recipe, work, on_cpu, extra, evaluate=not args.no_eval)
+                    summary = {"status": "ok", **run.summary()}
             except RecipeSmokeError as error:
                 failed += 1
                 summary = {"recipe": str(recipe), "status": "failed", "error": str(error)}

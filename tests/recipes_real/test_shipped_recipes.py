@@ -13,7 +13,15 @@ import pytest
 import yaml
 
 from memtrain.configs import parse_recipe_args
-from memtrain.recipe_smoke import CPU_PROCESSES, REPO, documented_launch, run_recipe_smoke, shipped_recipes
+from memtrain.recipe_smoke import (
+    CPU_PROCESSES,
+    REPO,
+    data_recipes,
+    documented_launch,
+    run_data_recipe_smoke,
+    run_recipe_smoke,
+    shipped_recipes,
+)
 
 
 # recipe -> (launcher, engine): what each shipped recipe is run with. A new recipe must be added here (and runs).
@@ -30,7 +38,15 @@ EXPECTED = {
     "post_training/memagent-smollm2-135m.yaml": ("python", "transformers"),
     "post_training/mem1-smollm2-135m.yaml": ("python", "transformers"),
 }
+# data recipe -> the Hub inputs it names, which the smoke build replaces by local stand-ins (none: runs as shipped)
+EXPECTED_DATA = {
+    "data/memtrain-wiki-cpu.yaml": set(),
+    "data/longqa-hotpotqa-cpu.yaml": set(),
+    "data/memtrain-wiki-paper.yaml": {"corpus", "streaming", "embedding_model", "tokenizer_name_or_path"},
+    "data/longqa-hotpotqa-paper.yaml": {"train_source", "test_source", "filter_model"},
+}
 RECIPES = shipped_recipes()
+DATA_RECIPES = data_recipes()
 
 
 def name_of(path: Path) -> str:
@@ -40,9 +56,22 @@ def name_of(path: Path) -> str:
 def test_the_runs_cover_every_shipped_recipe():
     """The list run below is the list in recipes/: a recipe cannot ship without running here."""
     assert sorted(name_of(path) for path in RECIPES) == sorted(EXPECTED)
+    assert sorted(name_of(path) for path in DATA_RECIPES) == sorted(EXPECTED_DATA)
     on_disk = {p.relative_to(REPO / "recipes").as_posix() for p in (REPO / "recipes").rglob("*.yaml")}
-    support = {p for p in on_disk if p.startswith(("accelerate_configs/", "data/"))}
-    assert on_disk - support == set(EXPECTED)
+    launch_configs = {p for p in on_disk if p.startswith("accelerate_configs/")}
+    assert on_disk - launch_configs == set(EXPECTED) | set(EXPECTED_DATA)
+
+
+@pytest.mark.parametrize("path", DATA_RECIPES, ids=name_of)
+def test_data_recipe_builds_shrunk(path, smoke_work):
+    """Every data recipe builds through its documented command: small counts, and local stand-ins only for what it
+    reads from the Hub (no network here: the Wikipedia stream, bge, Qwen's tokenizer, HotpotQA, the filter model)."""
+    smoke = run_data_recipe_smoke(path, smoke_work)
+    replaced = {key for key in smoke.overrides if key in yaml.safe_load(path.read_text(encoding="utf-8"))}
+    counts = {"num_documents", "num_neighbours", "num_random", "corpus_limit", "min_tokens", "max_tokens",
+              "train_num_docs", "test_buckets", "num_test_questions", "max_train_questions", "output_dir"}  # fmt: skip
+    assert replaced - counts == EXPECTED_DATA[name_of(path)]
+    assert smoke.splits and all(rows > 0 for rows in smoke.splits.values()), smoke.splits
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=name_of)
