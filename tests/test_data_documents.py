@@ -164,3 +164,21 @@ def test_an_answer_readable_in_a_document_header_is_dropped(extractor):
     assert result.stats.entities_dropped["in_template"] >= 6
     for row in result.rows:
         assert_no_leak(row)
+
+
+@pytest.mark.parametrize(
+    ("counts", "hint"),
+    [
+        ({"too_many_tokens": 962, "pivots_without_entity": 3}, r"over max_tokens=2000 \(long paragraphs\): raise max"),
+        ({"too_few_tokens": 5, "too_many_tokens": 1}, r"under min_tokens=400: lower min_tokens"),
+        ({"pivots_without_entity": 7, "pivots_all_entities_leak": 2}, r"no usable entity: widen entity_labels"),
+        ({"pivots_all_entities_leak": 4}, r"leak after masking: use a bigger corpus"),
+        ({}, r"^Use a bigger corpus\.$"),
+    ],
+)
+def test_a_short_build_names_the_main_reason_pivots_were_rejected(counts, hint):
+    """The issue's one large .txt file: 962 pivots over max_tokens, and the hint said only "Use a bigger corpus"."""
+    from memtrain.data.documents import BuildStats, shortfall_hint
+
+    config = DocumentBuilderConfig(min_tokens=400, max_tokens=2000, tokenizer_name_or_path="smollm2-135m")
+    assert re.search(hint, shortfall_hint(BuildStats(requested=8, built=3, **counts), config))

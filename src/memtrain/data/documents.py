@@ -417,10 +417,11 @@ class DocumentBuilder:
             )
         if stats.built < stats.requested:
             logger.warning(
-                "Built %d of %d requested documents: the corpus ran out of usable pivots (%s). Use a bigger corpus.",
+                "Built %d of %d requested documents: the corpus ran out of usable pivots (%s). %s",
                 stats.built,
                 stats.requested,
                 json.dumps({k: v for k, v in stats.to_dict().items() if k not in ("seconds", "label_histogram")}),
+                shortfall_hint(stats, c),
             )
 
     def _document(
@@ -503,6 +504,36 @@ class DocumentBuilder:
     def _render(self, bodies: Sequence[str]) -> str:
         c = self.config
         return c.separator.join(c.document_template.format(index=i + 1, text=body) for i, body in enumerate(bodies))
+
+
+def shortfall_hint(stats: BuildStats, config: DocumentBuilderConfig) -> str:
+    """What to change when fewer documents were built than requested: the most common reason pivots were rejected.
+
+    "Use a bigger corpus" was the only hint, also when most pivots made documents over max_tokens (a corpus of a few
+    long paragraphs), which a bigger corpus of the same text does not fix.
+    """
+    reasons = {
+        "too_many_tokens": (
+            stats.too_many_tokens,
+            f"Most rejected pivots made documents over max_tokens={config.max_tokens} (long paragraphs): raise "
+            "max_tokens, lower num_neighbours/num_random, or split the text into shorter paragraphs (max_words).",
+        ),
+        "too_few_tokens": (
+            stats.too_few_tokens,
+            f"Most rejected pivots made documents under min_tokens={config.min_tokens}: lower min_tokens or raise "
+            "num_neighbours/num_random.",
+        ),
+        "pivots_without_entity": (
+            stats.pivots_without_entity,
+            "Most rejected pivots had no usable entity: widen entity_labels or use a bigger corpus.",
+        ),
+        "pivots_all_entities_leak": (
+            stats.pivots_all_entities_leak,
+            "Most rejected pivots had only entities that leak after masking: use a bigger corpus.",
+        ),
+    }
+    count, hint = max(reasons.values(), key=lambda item: item[0])
+    return hint if count > 0 else "Use a bigger corpus."
 
 
 def build_documents(
