@@ -156,3 +156,18 @@ def test_peft_wrapped_model_samples_by_our_settings_and_restores_its_config(tiny
     for row, completion in enumerate(sampled.completion_ids):
         expected = forward_logprobs(peft_model, prompts[row // 2], completion)
         assert sampled.logprobs[row] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_prompt_and_budget_past_the_models_positions_are_refused(tokenizer):
+    """SmolLM2 has 8,192 positions: an 8,415-token chunk answered garbage with exit 0; now one clear error."""
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(tokenizer)
+    model.config.max_position_embeddings = 40
+    generator = TransformersGenerator(model, tokenizer, SamplingConfig(max_new_tokens=8, do_sample=False))
+    fits, too_long = [[5] * 32], [[5] * 30, [5] * 33]
+    assert len(generator.generate(fits).completion_ids[0]) <= 8  # 32 + 8 = 40 positions: exactly fits
+    with pytest.raises(ValueError, match=r"a prompt of 33 tokens \+ 8 new tokens exceeds the model's 40 positions"):
+        generator.generate(too_long)
+    with pytest.raises(ValueError, match=r"a prompt of 32 tokens \+ 9 new tokens exceeds .*lower chunk_size"):
+        generator.generate(fits, sampling=SamplingConfig(max_new_tokens=9, do_sample=False))

@@ -137,6 +137,17 @@ class TransformersGenerator:
                 return int(candidate)
         return self.eos_token_ids[0]
 
+    def _check_positions(self, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+        """Refuse a call whose prompt + budget exceeds the model's positions: past them it answers garbage, rc 0."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        longest = max((len(ids) for ids in prompt_ids), default=0)
+        if isinstance(limit, int) and longest + max_new_tokens > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's {limit} positions "
+                "(max_position_embeddings); lower chunk_size, max_memory_tokens, max_problem_tokens or the token "
+                "budget (or give the full-context mode less text)."
+            )
+
     def _generation_config(self, sampling: SamplingConfig) -> GenerationConfig:
         greedy = not sampling.do_sample or sampling.temperature == 0
         config = GenerationConfig(
@@ -165,6 +176,7 @@ class TransformersGenerator:
         for index, ids in enumerate(prompt_ids):
             if len(ids) == 0:
                 raise ValueError(f"Prompt {index} is empty; every prompt needs at least one token.")
+        self._check_positions(prompt_ids, sampling.max_new_tokens)
         rows = [list(ids) for ids in prompt_ids for _ in range(n)]
         if not rows:
             return GenerationOutput(completion_ids=[], finished=[], logprobs=[])
