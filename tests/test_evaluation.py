@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -226,6 +227,12 @@ def test_evaluate_writes_all_outputs(tmp_path, tokenizer, generator, longqa_rows
     pages = sorted((tmp_path / "trajectories").glob("*.html"))
     assert [str(p.relative_to(tmp_path)) for p in pages] == agent["trajectory_pages"] and len(pages) == 2
     assert pages[0].read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    # each page shows what was scored: the scored reply, the gold answers and the scores
+    first = pages[0].read_text(encoding="utf-8")
+    reply = html.escape(agent["predictions"][0]["replies"][0])
+    assert "<h3>Scored reply</h3>" in first and f'<div class="answer">{reply}</div>' in first
+    assert "<h3>Gold answers</h3>" in first and f"<li>{html.escape(longqa_rows[0]['answers'][0])}</li>" in first
+    assert "<h3>Scores</h3>" in first
 
     # a second model into the same folder joins the table instead of replacing it
     evaluate(longqa_rows[:1], tokenizer, generator, replace_modes(config), tmp_path, label="other")

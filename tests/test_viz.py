@@ -109,3 +109,17 @@ def test_save_one_or_many(tmp_path, trajectory):
     assert page.count("<section") == 2 and "Batch 3" in page and "2 trajectories" in page
     with pytest.raises(TypeError, match="item 1 is a dict"):
         save_trajectory_html([trajectory, {"doc_id": "x"}], tmp_path / "bad.html")
+
+
+def test_a_scored_trajectory_shows_the_scored_reply_the_gold_answers_and_the_scores(trajectory):
+    """The evaluation stores what it scored in the trajectory's metadata; the page shows it (it hid it)."""
+    plain = "".join(parse(render_trajectory_html(trajectory)).text)
+    assert "Gold answers" not in plain and "Scores" not in plain
+    trajectory.metadata.update(
+        {"answers": ["Rhone", "The <Rhone>"], "scores": {"em": 1.0, "f1": 0.6667}, "scored_reply": "Rhone river"}
+    )
+    page = render_trajectory_html(trajectory)
+    text = "".join(parse(page).text)
+    assert "Scored reply" in text and "Rhone river" in text
+    assert "Gold answers" in text and "The <Rhone>" in text and "&lt;Rhone&gt;" in page
+    assert "em1.0000" in text and "f10.6667" in text

@@ -70,6 +70,27 @@ def _call_stats(call: ModelCall | None) -> str:
     return f"{len(call.prompt_ids)} prompt tokens, {len(call.completion_ids)} generated, {state}"
 
 
+def _scored_html(metadata: dict) -> str:
+    """What the evaluation scored for this trajectory: the reply it scored, the gold answers and the scores."""
+    e = html.escape
+    parts = []
+    if metadata.get("scored_reply") is not None:
+        parts.append(f'<h3>Scored reply</h3><div class="answer">{e(str(metadata["scored_reply"]))}</div>')
+    answers = metadata.get("answers")
+    if answers:
+        items = "".join(f"<li>{e(str(answer))}</li>" for answer in answers)
+        parts.append(f"<h3>Gold answers</h3><ul>{items}</ul>")
+    scores = metadata.get("scores")
+    if isinstance(scores, dict) and scores:
+        cells = "".join(
+            f'<tr><td class="step">{e(str(name))}</td><td>'
+            f"{e(f'{value:.4f}' if isinstance(value, float) else str(value))}</td></tr>"
+            for name, value in scores.items()
+        )
+        parts.append(f'<h3>Scores</h3><table class="steps">{cells}</table>')
+    return "".join(parts)
+
+
 def _section(trajectory: Trajectory, index: int) -> str:
     e = html.escape
     updates = {call.step: call for call in trajectory.calls if call.kind == "update"}
@@ -105,7 +126,7 @@ def _section(trajectory: Trajectory, index: int) -> str:
         f'</div><table class="steps"><tr><th style="width:5rem">step</th><th>chunk read</th>'
         f"<th>memory written (<ins>added</ins> / <del>dropped</del> vs the previous memory)</th></tr>"
         f'{"".join(rows)}</table>{extra}<h3>Final answer</h3><div class="answer">{e(trajectory.answer)}</div>'
-        f'<p class="stats">{final_stats}</p></section>'
+        f'<p class="stats">{final_stats}</p>{_scored_html(trajectory.metadata)}</section>'
     )
 
 

@@ -185,8 +185,12 @@ def evaluate(
             for j, i in enumerate(indices):
                 if output.trajectories[j] and len(pages) < config.num_trajectory_pages:
                     path = output_dir / "trajectories" / f"{_slug(label)}-{mode}-{i:03d}-{_slug(ids[i])}.html"
-                    for trajectory, sample_scores in zip(output.trajectories[j], scores[j] or []):
-                        trajectory.metadata.update({"answers": list(rows[i]["answers"]), "scores": sample_scores})
+                    replies = output.replies[j] or []
+                    for k, (trajectory, sample_scores) in enumerate(zip(output.trajectories[j], scores[j] or [])):
+                        # the reply scored can differ from the trajectory's final answer (read_once: one read, one
+                        # answer per question)
+                        trajectory.metadata.update({"answers": list(rows[i]["answers"]), "scores": sample_scores,
+                                                    "scored_reply": replies[k] if k < len(replies) else None})  # fmt: skip
                     save_trajectory_html(output.trajectories[j], path, title=f"{label} / {mode}: {ids[i]}")
                     pages.append(str(path.relative_to(output_dir)))
             seconds = output.seconds / len(indices)
