@@ -169,3 +169,10 @@ def test_eval_cli_on_a_hub_folder_and_on_a_multi_question_file(tmp_path, tokeniz
         assert [p["id"] for p in run["predictions"]] == ["doc/q0", "doc/q1", "single"]
         assert run["metrics"]["buckets"]["4"]["n"] == 3 and run["settings"]["multi_question"] == policy
         assert len(run["trajectory_pages"]) == reads  # one page per read of a context
+    # fewer pages than questions: each goes to another document (all came from document 0 under expand)
+    out = tmp_path / "multi_expand_2"
+    argv = ["eval", "--model", str(model), "--dataset", str(path), "--prompt_column", "questions",
+            "--multi_question", "expand", "--output_dir", str(out), *small, "--num_trajectory_pages", "2"]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert [Path(page).stem.rsplit("-", 1)[-1] for page in run["trajectory_pages"]] == ["doc_q0", "single"]

@@ -160,6 +160,7 @@ def evaluate(
     rows = prepare_rows(rows, config)
     buckets = [row_bucket(row, config.bucket_column) for row in rows]
     ids = [str(row.get("id", i)) for i, row in enumerate(rows)]
+    groups = [str(row.get("read_group", ids[i])) for i, row in enumerate(rows)]  # the document each row reads
     output_dir = Path(output_dir)
     settings = run_settings(config, extra_settings)
     store = ScoredRows(output_dir, label, config.task, settings_fingerprint(settings), settings, overwrite)
@@ -171,6 +172,7 @@ def evaluate(
         done = sum(store.get(mode, i, ids[i]) is not None for i in range(len(rows)))
         progress = Progress(f"{label}/{mode}", len(rows), done)
         pages: list[str] = []
+        unpaged = set(groups)  # documents without a page yet: pages go to distinct documents first
         for batch_index, chunk in enumerate(chunks):
             indices = [i for unit in chunk for i in unit]
             # A batch runs whole (its seed and its read_once groups are per batch); a kill between its rows left
@@ -183,7 +185,9 @@ def evaluate(
             output = evaluator.run(batch, mode, batch_index=batch_index)
             scores = evaluator.score(batch, output)
             for j, i in enumerate(indices):
-                if output.trajectories[j] and len(pages) < config.num_trajectory_pages:
+                left = config.num_trajectory_pages - len(pages)
+                if output.trajectories[j] and left > 0 and (groups[i] in unpaged or left > len(unpaged)):
+                    unpaged.discard(groups[i])
                     path = output_dir / "trajectories" / f"{_slug(label)}-{mode}-{i:03d}-{_slug(ids[i])}.html"
                     replies = output.replies[j] or []
                     for k, (trajectory, sample_scores) in enumerate(zip(output.trajectories[j], scores[j] or [])):
