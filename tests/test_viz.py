@@ -123,3 +123,11 @@ def test_a_scored_trajectory_shows_the_scored_reply_the_gold_answers_and_the_sco
     assert "Scored reply" in text and "Rhone river" in text
     assert "Gold answers" in text and "The <Rhone>" in text and "&lt;Rhone&gt;" in page
     assert "em1.0000" in text and "f10.6667" in text
+
+
+def test_an_unparsed_final_reply_is_shown_instead_of_an_empty_answer(trajectory):
+    """Search pages showed an empty final answer although the final call generated 56 tokens (no <answer> tag)."""
+    trajectory.answer = ""
+    trajectory.calls[2] = ModelCall("final", 3, [1, 2], [10, 2], "I think it is the Rhone <b>", [-0.5, -0.1], True)
+    text = "".join(parse(render_trajectory_html(trajectory)).text)
+    assert "no answer parsed from the final call, which generated:" in text and "I think it is the Rhone <b>" in text

@@ -111,6 +111,10 @@ def _section(trajectory: Trajectory, index: int) -> str:
             f'<td><div class="text">{diff}</div><div class="stats">{stats}</div></td></tr>'
         )
     final_stats = e(_call_stats(finals[-1])) if finals else "no final call recorded"
+    answer = e(trajectory.answer)
+    if not trajectory.answer.strip() and finals and finals[-1].text.strip():
+        # the final call generated text but no answer was parsed from it (e.g. no <answer> tag): show what it said
+        answer = f"<em>no answer parsed from the final call, which generated:</em><br>{e(finals[-1].text)}"
     extra = ""
     if others:
         items = "".join(
@@ -125,7 +129,7 @@ def _section(trajectory: Trajectory, index: int) -> str:
         f'<h3>Initial memory</h3><div class="problem">{e(trajectory.memories[0] if trajectory.memories else "")}'
         f'</div><table class="steps"><tr><th style="width:5rem">step</th><th>chunk read</th>'
         f"<th>memory written (<ins>added</ins> / <del>dropped</del> vs the previous memory)</th></tr>"
-        f'{"".join(rows)}</table>{extra}<h3>Final answer</h3><div class="answer">{e(trajectory.answer)}</div>'
+        f'{"".join(rows)}</table>{extra}<h3>Final answer</h3><div class="answer">{answer}</div>'
         f'<p class="stats">{final_stats}</p>{_scored_html(trajectory.metadata)}</section>'
     )
 
