@@ -57,13 +57,13 @@ $(VLLM_STAMP): setup.py
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest -q -m vllm tests/vllm_real
+	$(VLLM_PY) -m pytest -q -m "vllm and not recipes" tests/vllm_real
 
 # Every shipped recipe (recipes/*.yaml, recipes/post_training/*.yaml), shrunk, through the launch command its header
 # documents, in the vLLM users' environment: one optimizer step each on a tiny model of its architecture (real vLLM
 # CPU engine, bitsandbytes' CPU backend, 2 gloo processes for multi-GPU configs), then `memtrain eval --config`.
 test-recipes: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest -q -m recipes tests/recipes_real
+	$(VLLM_PY) -m pytest -q -m recipes tests/vllm_real
 
 # The extras resolve together to the tested set: a pip dry-run of `.[vllm,quant]` (what GPU users install) must
 # pick the training stack versions both venvs run, and `pip check` must pass in both.

@@ -1,6 +1,6 @@
 """memtrain.recipe_smoke without running anything: the documented launch commands, the overrides, the CPU launcher.
 
-The runs themselves (every shipped recipe, real processes) are tests/recipes_real, `make test-recipes`.
+The runs themselves (every shipped recipe, real processes) are tests/vllm_real/test_shipped_recipes.py, `make test-recipes`.
 """
 
 from __future__ import annotations

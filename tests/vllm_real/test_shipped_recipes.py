@@ -47,6 +47,13 @@ EXPECTED_DATA = {
 }
 RECIPES = shipped_recipes()
 DATA_RECIPES = data_recipes()
+pytestmark = pytest.mark.recipes  # `make test-recipes`; `make test-vllm` runs the rest of this folder
+
+
+@pytest.fixture(scope="module")
+def smoke_work(tmp_path_factory) -> Path:
+    """One folder for the module: the tiny models and the built datasets are shared by every recipe."""
+    return tmp_path_factory.mktemp("recipe-smoke")
 
 
 def name_of(path: Path) -> str:
