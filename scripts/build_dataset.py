@@ -4,8 +4,10 @@ The recipe (positional or `--config`) sets every knob; `--key value` overrides i
 --output_dir outputs/data/try --push_to_hub true --hub_dataset_id you/memtrain-wiki`. See memtrain.data.build.
 """
 
-from memtrain.data.build import main
+import sys
+
+from memtrain.cli import run_script
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("build-data"))

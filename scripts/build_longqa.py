@@ -4,8 +4,10 @@ The recipe (positional or `--config`) sets every knob; `--key value` overrides i
 --num_test_questions 8 --output_dir outputs/data/try`. See memtrain.data.longqa.LongQABuildArguments.
 """
 
-from memtrain.data.longqa import main
+import sys
+
+from memtrain.cli import run_script
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("build-longqa"))

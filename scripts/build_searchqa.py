@@ -4,8 +4,10 @@ Settings come as `--key value` or from a YAML file (positional or `--config`; th
 every key with its default. See memtrain.data.searchqa.SearchQABuildArguments.
 """
 
-from memtrain.data.searchqa import main
+import sys
+
+from memtrain.cli import run_script
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("build-searchqa"))

@@ -8,8 +8,10 @@ backoff and splits batches). Each request is bounded: ``--max_queries`` (512) qu
 ``topk`` <= 100, and ``--client_timeout`` (10 s) to send it; over a bound the answer is a 4xx naming the fix.
 """
 
-from memtrain.retrieval import main
+import sys
+
+from memtrain.cli import run_script
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("serve-retriever"))

@@ -240,3 +240,20 @@ def test_a_command_starts_without_bitsandbytes_kernel_hub_noise():
     assert done.returncode == 0, done.stderr
     assert "usage: memtrain train" in done.stdout
     assert "kernels-community" not in done.stdout + done.stderr
+
+
+def test_scripts_of_forwarded_commands_give_one_line_errors(tmp_path):
+    """`python scripts/build_dataset.py bad.yaml` printed a RecipeError traceback; now the script's one line, exit 2."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_documents: many\n")
+    for script in ("build_dataset.py", "build_longqa.py", "build_searchqa.py", "serve_retriever.py"):
+        done = subprocess.run(
+            [sys.executable, f"scripts/{script}", "--config", str(tmp_path / "missing.yaml")],
+            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        prefix = "serve_retriever" if script == "serve_retriever.py" else script  # it names itself
+        assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"{prefix}: error:"), done.stderr

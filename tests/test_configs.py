@@ -113,3 +113,33 @@ def test_help_lists_every_key_with_its_default_and_exits_0(entry_point, keys, fl
     for key in keys:
         assert f"  {key} " in out or f"  {key}," in out, key
     assert "(default:" in out
+
+
+@pytest.mark.parametrize(
+    "command,key,value",
+    [("train", "chunk_size", "abc"), ("eval", "chunk_size", "abc"), ("read", "max_chunks", "many"),
+     ("build-data", "num_documents", "many"), ("build-longqa", "num_test_questions", "x"),
+     ("build-searchqa", "num_rows", "x"), ("serve-retriever", "port", "http")],
+)  # fmt: skip
+def test_a_wrong_type_in_a_settings_file_is_one_line_naming_the_file_and_key(tmp_path, capsys, command, key, value):
+    """argparse used to print the whole usage (40+ lines) and `argument --key`, not saying the value came from a file."""
+    from memtrain import cli
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(f"{key}: {value}\n" + ("model_name_or_path: x\n" if command == "train" else ""))
+    try:
+        status = cli.main([command, "--config", str(settings)])
+    except SystemExit as exit_info:  # serve-retriever exits itself, as its script always did
+        status = exit_info.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "usage:" not in err[0], err
+    assert f"{settings}: `{key}`: invalid" in err[0] and repr(value) in err[0]
+
+
+def test_a_wrong_type_on_the_command_line_names_the_option(capsys):
+    from memtrain import cli
+
+    assert cli.main(["eval", "--chunk_size", "abc"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("memtrain eval: error: --chunk_size: invalid int value: 'abc'")

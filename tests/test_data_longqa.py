@@ -301,3 +301,14 @@ def test_bad_question_files_and_counts_are_one_line_errors(name, content, extra,
     line = refusal(argv, capsys)
     assert re.search(pattern, line), line
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no folder, staging or lock
+
+
+def test_a_hub_question_source_that_cannot_load_is_one_line(tmp_path, capsys):
+    """Offline (or a wrong id), build-longqa printed a ConnectionError traceback; now one line naming the source."""
+    from memtrain import cli
+
+    argv = ["build-longqa", "--train_source", "no-such-org/no-such-questions", "--output_dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "Could not load the questions 'no-such-org/no-such-questions'" in line and "local .json" in line
+    assert not (tmp_path / "out").exists()

@@ -193,7 +193,7 @@ def _forward(target: str) -> Callable[[argparse.Namespace], int]:
         entry = getattr(importlib.import_module(module_name), function)
         # The entry points parse with argparse, whose usage line is named after sys.argv[0]: `memtrain train --help`
         # must say `usage: memtrain train ...`, not `usage: memtrain ...`.
-        program, sys.argv[0] = sys.argv[0], f"memtrain {args.command}"
+        program, sys.argv[0] = sys.argv[0], getattr(args, "prog", None) or f"memtrain {args.command}"
         try:
             result = entry(args.forwarded)
             # read/eval return an exit code; the scripts' mains may return what they wrote (a path), meaning success
@@ -233,18 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``memtrain COMMAND ...``; ``prog`` names a script that is a forwarded command (its usage and error lines)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in FORWARDED:
         # argparse cannot forward options (e.g. --help) that come first, so forwarded commands bypass it.
         args = argparse.Namespace(command=argv[0], forwarded=argv[1:], handler=_forward(FORWARDED[argv[0]][0]))
+        args.prog = prog
     else:
         args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except (CliError, ValueError, FileNotFoundError) as error:  # user errors: no traceback
-        print(f"memtrain {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prog or f'memtrain {args.command}'}: error: {error}", file=sys.stderr)
         return 2
+
+
+def run_script(command: str) -> int:
+    """The entry point of a script that is a forwarded command (``scripts/build_dataset.py`` = ``memtrain
+    build-data``): the same one-line user errors and exit code 2, named after the script."""
+    return main([command, *sys.argv[1:]], prog=Path(sys.argv[0]).name)
 
 
 if __name__ == "__main__":

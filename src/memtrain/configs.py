@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
@@ -256,6 +257,27 @@ def _read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
+class RecipeParser(TrlParser):
+    """TRL's parser whose errors are one :class:`RecipeError` line naming the file and key, not a usage dump.
+
+    argparse answers a bad value (``chunk_size: abc``) with the whole usage (40+ lines for a recipe's keys) and an
+    ``argument --chunk_size/--chunk-size`` line that does not say it came from a file. ``source`` is the settings file
+    whose values the parser holds as defaults, ``file_keys`` the keys it set.
+    """
+
+    def __init__(self, *args: Any, source: str | None = None, file_keys: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.source, self.file_keys = source, set(file_keys)
+
+    def error(self, message: str) -> NoReturn:
+        match = re.match(r"argument --([\w-]+)(?:/--[\w-]+)?: (.*)", message)
+        if match is None:
+            raise RecipeError(f"{message}; `--help` lists every key.")
+        key, problem = match.group(1).replace("-", "_"), match.group(2)
+        where = f"{self.source}: `{key}`" if self.source and key in self.file_keys else f"--{key}"
+        raise RecipeError(f"{where}: {problem}; fix the value (`--help` gives each key's type and default).")
+
+
 def load_recipe(path: str | Path, dataclass_types: Sequence[type] = RECIPE_DATACLASSES) -> dict[str, Any]:
     """Read a recipe and check every key before anything heavy happens."""
     recipe = _read_yaml_mapping(path)
@@ -305,10 +327,12 @@ def parse_recipe_args(
         TrlParser(tuple(dataclass_types)).parse_args(["--help"])
     if argv and not argv[0].startswith("-"):
         argv = ["--config", argv[0], *argv[1:]]
+    source, file_keys = None, []
     if "--config" in argv:
-        load_recipe(argv[argv.index("--config") + 1], dataclass_types)
+        source = argv[argv.index("--config") + 1]
+        file_keys = list(load_recipe(source, dataclass_types))
     _check_cli_options(argv, dataclass_types)
-    parser = TrlParser(tuple(dataclass_types))
+    parser = RecipeParser(tuple(dataclass_types), source=source, file_keys=file_keys)
     return parser.parse_args_and_config(argv)
 
 
@@ -358,7 +382,7 @@ def parse_settings(argv: Sequence[str] | None, dataclass_types: Sequence[type], 
         f"{prog} [--config FILE] [--key value ...]: FILE is a YAML of these keys or a training recipe (recipes/*.yaml, "
         "whose agent settings and model are used); --key value overrides it."
     )
-    parser = TrlParser(tuple(dataclass_types), prog=prog, description=usage)
+    parser = RecipeParser(tuple(dataclass_types), prog=prog, description=usage)
     if "-h" in argv or "--help" in argv:
         parser.parse_args(["--help"])
     if argv and not argv[0].startswith("-"):
@@ -369,6 +393,8 @@ def parse_settings(argv: Sequence[str] | None, dataclass_types: Sequence[type], 
             raise RecipeError("--config needs a path: a settings YAML or a training recipe (recipes/*.yaml).")
         path = argv[index + 1]
         argv = argv[:index] + argv[index + 2 :]
-        parser.set_defaults_with_config(**settings_from_file(path, dataclass_types))
+        values = settings_from_file(path, dataclass_types)
+        parser.source, parser.file_keys = path, set(values)
+        parser.set_defaults_with_config(**values)
     _check_cli_options(argv, dataclass_types)
     return tuple(parser.parse_args_into_dataclasses(args=argv))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -156,7 +157,17 @@ def load_examples(
     else:
         import datasets
 
-        rows = datasets.load_dataset(str(source), config, split=split)
+        try:
+            rows = datasets.load_dataset(str(source), config, split=split)
+        except (ConnectionError, OSError, ValueError) as error:  # offline, unknown id, config or split
+            offline = os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
+            raise ValueError(
+                f"Could not load the questions {source!r} (config={config!r}, split={split!r}): "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. Check the id, "
+                "config and split"
+                + ("; HF_DATASETS_OFFLINE=1 reads only datasets already in the cache" if offline else "")
+                + "; or give a local .json/.jsonl file."
+            ) from None
         name = f"{source}:{config}:{split}"
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows)))) if hasattr(rows, "select") else rows[:limit]
