@@ -142,6 +142,12 @@ def test_read_answers_and_saves_its_trace(model_dir, context_file, tmp_path, cap
     assert [call.kind for call in trajectory.calls] == ["update"] * 3 + ["final"]
     assert all(len(call.completion_ids) <= 4 for call in trajectory.calls[:3])
     assert "read 3 chunks" in captured.err
+    # progress while it reads (a 70-chunk text used to print nothing for minutes), one line per agent step
+    progress = [line for line in captured.err.splitlines() if re.match(r"\[memtrain read\] (chunk|answered)", line)]
+    assert [line.split(" (")[0] for line in progress] == [
+        "[memtrain read] chunk 1/3 read", "[memtrain read] chunk 2/3 read", "[memtrain read] chunk 3/3 read",
+        "[memtrain read] answered",
+    ]  # fmt: skip
     assert "<!DOCTYPE html>" in trace_html.read_text(encoding="utf-8")
 
 

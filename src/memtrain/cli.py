@@ -117,7 +117,14 @@ def run_read(argv: list[str]) -> int:
     )
     loaded = time.perf_counter()
     agent = MemoryAgent(tokenizer, generator, config)
-    trajectory = agent.rollout([context], [args.question], doc_ids=[str(args.context_file)], sampling=sampling)[0]
+
+    def progress(step: int, steps: int) -> None:  # a long text reads for minutes: say how far it is
+        what = f"chunk {step}/{steps - 1} read" if step < steps else "answered"
+        print(f"[memtrain read] {what} ({time.perf_counter() - loaded:.1f}s)", file=sys.stderr, flush=True)
+
+    trajectory = agent.rollout(
+        [context], [args.question], doc_ids=[str(args.context_file)], sampling=sampling, on_step=progress
+    )[0]
     done = time.perf_counter()
     generated = sum(len(call.completion_ids) for call in trajectory.calls)
     print(

@@ -8,6 +8,7 @@ rollout is ``max_chunks + 1`` batched calls whatever the batch size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from memtrain.agent.chunking import ChunkedContext, cap_problem, chunk_context
@@ -93,8 +94,11 @@ class MemoryAgent:
         n: int = 1,
         doc_ids: list[str] | None = None,
         sampling: SamplingConfig | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> list[Trajectory]:
         """``n`` rollouts per document, document-major (document 0's ``n`` first), ``group`` = document index.
+
+        ``on_step(step, steps)`` is called after each agent step (a long text is many steps: minutes in all).
 
         ``sampling`` (default: the generator's own ``sampling`` attribute, else ``SamplingConfig()``) sets
         temperature, top-p/k and the seed; ``max_new_tokens`` comes from the agent config. A seeded rollout is
@@ -140,6 +144,7 @@ class MemoryAgent:
                 )
 
         answered = [False] * len(trajectories)
+        steps = max((trajectory.num_chunks for trajectory in trajectories), default=0) + 1
         step = 1
         while not all(answered):
             requests = [self._request(i, trajectories[i], step) for i in range(len(trajectories)) if not answered[i]]
@@ -147,6 +152,8 @@ class MemoryAgent:
             for request in requests:
                 if request.kind == "final":
                     answered[request.trajectory] = True
+            if on_step is not None:
+                on_step(step, steps)
             step += 1
         return trajectories
 
