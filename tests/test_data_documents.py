@@ -11,7 +11,7 @@ import pytest
 from memtrain.agent.prompts import MASK_TOKEN, MEMTRAIN_PROBLEM
 from memtrain.data.corpus import load_corpus
 from memtrain.data.documents import DocumentBuilderConfig, build_documents
-from memtrain.data.entities import EntityExtractor, find_leaks
+from memtrain.data.entities import EntityExtractor, count_whole_word, find_leaks, partial_mentions
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "corpora"
@@ -37,6 +37,8 @@ def assert_no_leak(row: dict) -> None:
     answer = row["answers"][0]
     assert answer.lower() not in row["context"].lower()  # the plain case-insensitive search
     assert find_leaks(row["context"], answer) == []  # and across whitespace/apostrophe/dash variants
+    for part in partial_mentions(answer):  # nor a name-like part on its own ("President Barre" for "Siad Barre")
+        assert count_whole_word(part, row["context"]) == 0, (answer, part)
 
 
 def test_rows_follow_the_contract_and_never_leak(paragraphs, extractor):
@@ -66,6 +68,7 @@ def test_rows_follow_the_contract_and_never_leak(paragraphs, extractor):
         assert row["num_tokens"] is None
     assert sum(result.stats.label_histogram.values()) == 12
     assert len({row["pivot_id"] for row in result.rows}) == 12
+    assert result.stats.entities_dropped.get("partial_mention", 0) > 0  # counted in the build stats
 
 
 def test_same_seed_same_rows_other_seed_other_rows(paragraphs, extractor):

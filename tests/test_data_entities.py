@@ -139,10 +139,14 @@ def test_masked_text_never_contains_the_answer_case_insensitively():
 
 
 def test_mask_random_entity_is_seeded_and_skips_leaking_entities():
-    text = "Marie Curie worked in Paris with Pierre Curie; Parisians admired Marie Curie."
-    entities = [Entity("Paris", "GPE"), Entity("Marie Curie", "PERSON"), Entity("Pierre Curie", "PERSON")]
+    text = "Marie Curie worked in Paris with Henri Becquerel; Parisians admired Marie Curie."
+    entities = [Entity("Paris", "GPE"), Entity("Marie Curie", "PERSON"), Entity("Henri Becquerel", "PERSON")]
     picks = {mask_random_entity(text, entities, random.Random(seed))[1].text for seed in range(20)}
-    assert picks == {"Marie Curie", "Pierre Curie"}
+    assert picks == {"Marie Curie", "Henri Becquerel"}
+    # "Pierre Curie" beside "Marie Curie": masking either leaves its surname standing (partial_mention)
+    shared = "Marie Curie worked with Pierre Curie."
+    assert mask_random_entity(shared, [Entity("Marie Curie", "PERSON"), Entity("Pierre Curie", "PERSON")],
+                              random.Random(0)) is None  # fmt: skip
     first = mask_random_entity(text, entities, random.Random(3))
     assert first == mask_random_entity(text, entities, random.Random(3))
     masked, entity = first
@@ -247,3 +251,19 @@ def test_no_form_equal_under_the_answer_normalisation_survives_masking():
         masked_ok += 1
         assert _oracle_leaks(masked, "The Beatles") == [], masked
     assert tried > 100 and masked_ok > 20
+
+
+def test_a_part_of_a_name_left_on_its_own_drops_the_entity():
+    """ "Siad Barre" masked but "President Barre" kept: a reader recovers the name from the part."""
+    from memtrain.data.entities import EntityLeakError, mask_entity_in_texts, partial_mentions
+
+    texts = ["Siad Barre ruled Somalia from 1969.", "In 1991 President Barre was overthrown."]
+    with pytest.raises(EntityLeakError) as error:
+        mask_entity_in_texts(texts, "Siad Barre")
+    assert error.value.reason == "partial_mention" and "'Barre'" in str(error.value) and "text 1" in str(error.value)
+    masked, count = mask_entity_in_texts(["Siad Barre ruled.", "President Siad Barre fell."], "Siad Barre")
+    assert count == 2 and masked[1] == "President [MASK] fell."
+    # parts are name words: not a month beside a year, an article, or a lower-case word
+    assert partial_mentions("July 1969") == [] and partial_mentions("The Beatles") == []
+    assert partial_mentions("New York City")[:2] == ["New York", "York City"]
+    assert mask_entity_in_texts(["July 1969 was hot.", "In July it rained."], "July 1969")[1] == 1

@@ -24,7 +24,12 @@ troops" leaks "North Koreans", "Zurich" leaks "Zürich". Masking then goes:
    masking would hide an ordinary word and leaving it would leak the answer, so the
    entity is dropped. ``embedded``: the entity is still found inside a longer word after masking ("Parisian" for
    "Paris", "1911" for "11"), which would need half a word masked. ``in_token``: the token itself contains the
-   entity ("Mask" in ``[MASK]``). ``no_content``: the entity normalises to nothing ("The").
+   entity ("Mask" in ``[MASK]``). ``no_content``: the entity normalises to nothing ("The"). ``partial_mention``:
+   a name-like part of an entity of 2+ name words still stands on its own after masking ("Siad Barre" masked, "President
+   Barre" left): a reader would recover the answer from the part, and masking the part would stand one word for the
+   whole answer (and hide the part where it names something else), so the entity is dropped. A part is a proper
+   run of the entity's words, each capitalised, of 2+ characters and not a stop word ("Barre", "New York" in "New
+   York City"; not "The" or "of"), found as a case-sensitive whole word.
 
 So after a successful mask, :func:`find_leaks` finds nothing: neither a case-insensitive search nor a normalised
 one. Not handled (documented limits): abbreviations, translations, other inflections ("Korea" for "Korean").
@@ -58,6 +63,7 @@ __all__ = [
     "count_whole_word",
     "find_leaks",
     "find_variant_leaks",
+    "partial_mentions",
     "normalise_for_leaks",
     "load_spacy_model",
     "mask_entity_in_text",
@@ -444,7 +450,36 @@ def mask_entity_in_texts(texts: Sequence[str], entity: str, *, token: str = MASK
         masked, count = _mask_one(text, entity, token, i)
         out.append(masked)
         total += count
+    _check_partial_mentions(out, entity)
     return out, total
+
+
+def partial_mentions(entity: str) -> list[str]:
+    """The name-like proper parts of a multi-word entity (module policy, ``partial_mention``), longest first."""
+    from spacy.lang.en.stop_words import STOP_WORDS
+
+    words = entity.split()
+    name_like = [len(w) >= 2 and w[0].isupper() and w.lower() not in STOP_WORDS for w in words]
+    if sum(name_like) < 2:  # one name word and the rest numbers or stop words ("July 1969", "The Beatles")
+        return []
+    parts = []
+    for size in range(len(words) - 1, 0, -1):
+        for start in range(len(words) - size + 1):
+            if all(name_like[start : start + size]):
+                parts.append(" ".join(words[start : start + size]))
+    return parts
+
+
+def _check_partial_mentions(texts: Sequence[str], entity: str) -> None:
+    for part in partial_mentions(entity):
+        for index, text in enumerate(texts):
+            if count_whole_word(part, text):
+                raise EntityLeakError(
+                    entity,
+                    "partial_mention",
+                    f"{entity!r} is masked but its part {part!r} still names it in text {index}; the entity is "
+                    "dropped.",
+                )
 
 
 def mask_entity_in_text(text: str, entity: str, *, token: str = MASK_TOKEN) -> str:
