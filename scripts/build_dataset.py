@@ -7,6 +7,7 @@ The recipe (positional or `--config`) sets every knob; `--key value` overrides i
 import sys
 
 from memtrain.cli import run_script
+from memtrain.data.build import main  # noqa: F401  (the entry point, importable from the script)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ every key with its default. See memtrain.data.searchqa.SearchQABuildArguments.
 import sys
 
 from memtrain.cli import run_script
+from memtrain.data.searchqa import main  # noqa: F401  (the entry point, importable from the script)
 
 
 if __name__ == "__main__":

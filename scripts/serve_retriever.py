@@ -11,6 +11,7 @@ backoff and splits batches). Each request is bounded: ``--max_queries`` (512) qu
 import sys
 
 from memtrain.cli import run_script
+from memtrain.retrieval import main  # noqa: F401  (the entry point, importable from the script)
 
 
 if __name__ == "__main__":
