@@ -15,6 +15,7 @@ Every override is printed with the command, so a failure reproduces by pasting o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -145,9 +146,6 @@ class SmokeRun:
     eval_command: list[str] = field(default_factory=list)
     eval_seconds: float = 0.0
     eval_metrics: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        return {key: value for key, value in self.__dict__.items()}
 
 
 def free_port() -> int:
@@ -439,9 +437,6 @@ class DataSmokeRun:
     seconds: float = 0.0
     splits: dict[str, int] = field(default_factory=dict)
 
-    def summary(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 def run_data_recipe_smoke(recipe: Path, work: Path, timeout: int = 900) -> DataSmokeRun:
     """Build with a data recipe through the command its header documents, shrunk; raise on failure."""
@@ -520,10 +515,10 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in recipes:
             try:
                 if recipe.resolve().parent == (REPO / "recipes" / "data").resolve():
-                    summary = {"status": "ok", **run_data_recipe_smoke(recipe, work).summary()}
+                    summary = {"status": "ok", **dataclasses.asdict(run_data_recipe_smoke(recipe, work))}
                 else:
                     run = run_recipe_smoke(recipe, work, on_cpu, extra, evaluate=not args.no_eval)
-                    summary = {"status": "ok", **run.summary()}
+                    summary = {"status": "ok", **dataclasses.asdict(run)}
             except RecipeSmokeError as error:
                 failed += 1
                 summary = {"recipe": str(recipe), "status": "failed", "error": str(error)}
