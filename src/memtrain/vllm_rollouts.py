@@ -211,6 +211,11 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
+def _is_vllm_engine(llm: Any) -> bool:
+    """vLLM's own ``LLM`` (the CPU backend's packing concerns only it, not another engine behind the same calls)."""
+    return type(llm).__module__.split(".")[0] == "vllm"
+
+
 def _reload_layerwise(llm: Any, load: Callable[[], None]) -> None:
     """Run ``load()`` (calls of the engine model's ``load_weights``) inside vLLM's layer-wise reload.
 
@@ -274,7 +279,7 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
     def sync_weights(self) -> None:
         # vLLM's CPU backend packs each linear weight into a kernel handle after loading and leaves an empty parameter
         # without a weight_loader, so TRL's per-tensor load_weights fails there: reload layer-wise instead.
-        if self.mode == "colocate" and _is_cpu_platform():
+        if self.mode == "colocate" and _is_vllm_engine(self.llm) and _is_cpu_platform():
             _reload_layerwise(self.llm, super().sync_weights)
         else:
             super().sync_weights()

@@ -93,6 +93,9 @@ def test_vllm_cpu_platform_has_no_sleep_mode():
     from vllm.platforms import current_platform
 
     assert current_platform.is_cpu() and not current_platform.is_sleep_mode_available()
+    from memtrain.vllm_version import installed_vllm_version
+
+    assert installed_vllm_version() == "0.31.0"  # the CPU build's distribution (vllm-cpu) is read as vLLM
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=name_of)
