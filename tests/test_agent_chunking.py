@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memtrain.agent.chunking import cap_problem, centre_truncate, chunk_context
+from memtrain.agent.chunking import cap_problem, centre_truncate, chunk_char_spans, chunk_context
 
 
 TEXT = " ".join(f"Sentence number {i} mentions the city of Lyon and the river Rhone." for i in range(40))
@@ -80,3 +80,33 @@ def test_cap_problem_keeps_the_beginning_within_budget(tokenizer):
     assert len(ids_of(tokenizer, capped)) <= 20
     with pytest.raises(ValueError, match="max_problem_tokens"):
         cap_problem(tokenizer, TEXT, 0)
+
+
+@pytest.mark.parametrize("max_chunks", [100, 3])  # whole, and centre-truncated (a chunk straddles the cut)
+def test_chunk_char_spans_are_the_text_each_chunk_decodes_to(tokenizer, max_chunks):
+    text = TEXT + " Zürich, São Paulo — naïve café."
+    chunked = chunk_context(tokenizer, text, chunk_size=64, max_chunks=max_chunks)
+    spans = chunk_char_spans(tokenizer, text, chunk_size=64, max_chunks=max_chunks)
+    assert len(spans) == chunked.num_chunks
+    for runs, chunk in zip(spans, chunked.chunks):
+        assert "".join(text[a:b] for a, b in runs).strip() == chunk.strip()
+    assert [len(runs) for runs in spans] == ([1] * len(spans) if max_chunks == 100 else [1, 2, 1])
+    assert chunk_char_spans(tokenizer, "  ", chunk_size=64, max_chunks=3) == []
+
+
+def test_chunk_char_spans_without_offsets_measure_decoded_prefixes(tokenizer):
+    class NoOffsets:  # a slow tokenizer: no offset mapping
+        is_fast = False
+
+        def __call__(self, text, **kwargs):
+            return tokenizer(text, add_special_tokens=False)
+
+        def decode(self, ids, **kwargs):
+            return tokenizer.decode(ids, **kwargs)
+
+    for max_chunks in (100, 3):
+        fast = chunk_char_spans(tokenizer, TEXT, chunk_size=64, max_chunks=max_chunks)
+        slow = chunk_char_spans(NoOffsets(), TEXT, chunk_size=64, max_chunks=max_chunks)
+        assert [[text for text in (TEXT[a:b].strip() for a, b in runs)] for runs in slow] == [
+            [TEXT[a:b].strip() for a, b in runs] for runs in fast
+        ]

@@ -168,3 +168,109 @@ def test_each_trajectory_is_guarded_with_the_template_its_row_was_built_with():
     assert counts["template_text"] == 1
     with pytest.raises(ValueError, match="templates"):
         build_recall_probes([_trajectory(chunks)], finder, _masker, template=[custom, custom])
+
+
+# ---------------------------------------------------------------- entities tagged once (the builder's column)
+
+
+@pytest.fixture(scope="module")
+def built_rows() -> list[dict]:
+    """Six documents built with the real spaCy rule, each twice (G1 = 2), as the trainer's batch holds them."""
+    from pathlib import Path
+
+    from memtrain.data.corpus import load_corpus
+    from memtrain.data.documents import DocumentBuilderConfig, build_documents
+
+    corpus = Path(__file__).parent / "fixtures" / "corpora" / "2wikimultihopqa_corpus_300.json"
+    config = DocumentBuilderConfig(num_documents=6, num_neighbours=3, num_random=10, seed=5, show_progress=False)
+    rows = build_documents(load_corpus(str(corpus)).paragraphs, config).rows
+    return [dict(row) for row in rows for _ in range(2)]
+
+
+def _raising_finder(texts: list[str]) -> list[list[str]]:
+    raise AssertionError(f"NER ran at train time on {len(texts)} texts")
+
+
+def _rollouts(tokenizer, rows: list[dict], chunk_size: int, max_chunks: int) -> list[Trajectory]:
+    from memtrain.agent.chunking import chunk_context
+
+    out = []
+    for row in rows:
+        chunked = chunk_context(tokenizer, row["context"], chunk_size, max_chunks)
+        trajectory = _trajectory(chunked.chunks)
+        trajectory.truncated_tokens = chunked.truncated_tokens
+        out.append(trajectory)
+    return out
+
+
+@pytest.mark.parametrize("max_chunks", [4, 100])  # centre-truncated (a chunk straddles the cut), and whole
+def test_stored_entities_give_the_probes_tagging_at_train_time_gives(tokenizer, spacy_tools, built_rows, max_chunks):
+    from memtrain.agent.recall import RecallEntities
+
+    find_entities, mask_entity = spacy_tools
+    trajectories = _rollouts(tokenizer, built_rows, 160, max_chunks)
+    assert all(t.num_chunks > 1 for t in trajectories)
+    assert any(t.truncated_tokens > 0 for t in trajectories) == (max_chunks == 4)
+    without = [{k: v for k, v in row.items() if k != "entities"} for row in built_rows]
+
+    stored = RecallEntities(tokenizer, 160, max_chunks, _raising_finder).start(built_rows).result(trajectories)
+    tagged = RecallEntities(tokenizer, 160, max_chunks, find_entities).start(without).result(trajectories)
+    assert stored == tagged
+    assert all(c is not None and len(c) == t.num_chunks for c, t in zip(stored, trajectories))
+    assert sum(len(entities) for chunks in stored for entities in chunks) > 20 * len(built_rows)
+    for chunks, trajectory in zip(stored, trajectories):
+        for entities, text in zip(chunks, trajectory.chunks):
+            assert all(entity in text for entity in entities)
+
+    templates = [row_document_template(row) for row in built_rows]
+    probes = [
+        build_recall_probes(trajectories, None, mask_entity, seed=9, template=templates, chunk_entities=found)
+        for found in (stored, tagged)
+    ]
+    assert probes[0] == probes[1]
+    assert sum(p is not None for p in probes[0]) >= len(built_rows) - 1
+    for probe in filter(None, probes[0]):
+        assert TARGET_TOKEN in probe.masked_chunk and probe.entity not in probe.masked_chunk
+
+
+def test_no_ner_at_train_time_when_rows_carry_entities(tokenizer, spacy_tools, built_rows):
+    from memtrain.agent.recall import RecallEntities
+
+    trajectories = _rollouts(tokenizer, built_rows, 160, 4)
+    pending = RecallEntities(tokenizer, 160, 4, _raising_finder).start(built_rows)
+    chunk_entities = pending.result(trajectories)
+    assert pending.ner_seconds == 0.0
+    probes = build_recall_probes(trajectories, _raising_finder, spacy_tools[1], seed=1, chunk_entities=chunk_entities)
+    assert any(probes)
+
+
+def test_rows_without_entities_are_tagged_in_the_background_and_logged_once(tokenizer, built_rows, caplog):
+    from memtrain.agent.recall import RecallEntities
+
+    calls = []
+
+    def finder(texts: list[str]) -> list[list[str]]:
+        calls.append(len(texts))
+        return [[] for _ in texts]
+
+    without = [{k: v for k, v in row.items() if k != "entities"} for row in built_rows[:4]]
+    tools = RecallEntities(tokenizer, 160, 4, finder)
+    with caplog.at_level("WARNING", logger="memtrain.agent.recall"):
+        for _ in range(2):
+            pending = tools.start(without)
+            assert pending.result(_rollouts(tokenizer, without, 160, 4)) == [[[]] * 4] * 4
+    tools.close()
+    assert len(calls) == 4  # two documents per step, each once though it has two rollouts
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert "2 of 2 documents have no 'entities' column" in warnings[0] and "build-data" in warnings[0]
+
+
+def test_rollouts_whose_chunks_are_not_the_documents_fall_back_to_tagging_their_chunks(tokenizer, built_rows):
+    from memtrain.agent.recall import RecallEntities
+
+    odd = _trajectory(["Teutberga married Lothair II in Aachen."])  # one chunk, the document has several at this size
+    (found,) = RecallEntities(tokenizer, 160, 4, _raising_finder).start(built_rows[:1]).result([odd])
+    assert found is None
+    (probe,) = build_recall_probes([odd], _finder, _masker, seed=0, chunk_entities=[found])
+    assert probe is not None

@@ -75,3 +75,36 @@ def cap_problem(tokenizer, problem: str, max_tokens: int) -> tuple[str, int]:
     if len(token_ids) <= max_tokens:
         return problem, 0
     return tokenizer.decode(token_ids[:max_tokens], skip_special_tokens=False), len(token_ids) - max_tokens
+
+
+def chunk_char_spans(tokenizer, context: str, chunk_size: int, max_chunks: int) -> list[list[tuple[int, int]]]:
+    """The character ranges of ``context`` that each chunk of :func:`chunk_context` holds, in chunk order.
+
+    A chunk is one range, or two where it straddles the centre cut of a truncated context (head and tail). Recall
+    probes map entities tagged once on the whole document onto the chunks with these (an entity is a chunk's when its
+    span lies inside one range). Fast tokenizers give exact token offsets; other tokenizers are measured by decoding
+    prefixes of the token ids at the chunk boundaries (exact for tokenizers whose decode inverts encode).
+    """
+    if context is None or not context.strip():
+        return []
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+    else:
+        ids, offsets = _encode(tokenizer, context), None
+    kept = centre_truncate(list(range(len(ids))), chunk_size * max_chunks)  # positions of the kept tokens
+
+    def char_at(position: int, end: bool) -> int:
+        if offsets is not None:
+            return offsets[position][1 if end else 0]
+        prefix = ids[: position + 1] if end else ids[:position]
+        return len(tokenizer.decode(prefix, skip_special_tokens=False))
+
+    spans = []
+    for start in range(0, len(kept), chunk_size):
+        positions = kept[start : start + chunk_size]
+        cuts = [i for i in range(1, len(positions)) if positions[i] != positions[i - 1] + 1]  # the centre cut
+        bounds = zip([0, *cuts], [*cuts, len(positions)])
+        runs = [(char_at(positions[a], end=False), char_at(positions[b - 1], end=True)) for a, b in bounds]
+        spans.append(runs)
+    return spans

@@ -16,17 +16,32 @@ turn a header into "Document [TARGET]:", answerable from the neighbouring header
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from memtrain.agent.chunking import chunk_char_spans
 from memtrain.agent.prompts import TARGET_TOKEN
 from memtrain.agent.trajectory import Trajectory
+from memtrain.data.document_entities import (
+    ENTITIES_COLUMN,
+    entities_in_ranges,
+    read_entities,
+    row_document_layout,
+    tag_document,
+)
 from memtrain.data.documents import DEFAULT_DOCUMENT_TEMPLATE, template_spans
 from memtrain.data.entities import find_leaks
+
+
+logger = logging.getLogger(__name__)
 
 
 EntityFinder = Callable[[list[str]], list[list[str]]]
@@ -123,27 +138,37 @@ def probe_candidates(
 
 def build_recall_probes(
     trajectories: list[Trajectory],
-    find_entities: EntityFinder,
+    find_entities: EntityFinder | None,
     mask_entity: EntityMasker,
     policy: str = "any",
     seed: int = 0,
     *,
     template: str | None | Sequence[str | None] = DEFAULT_DOCUMENT_TEMPLATE,
     counts: Counter[str] | None = None,
+    chunk_entities: Sequence[Sequence[Sequence[str]] | None] | None = None,
 ) -> list[RecallProbe | None]:
     """One probe per trajectory (None when none of its read chunks holds a usable entity).
 
     ``template`` is the document template of the contexts (the builder's default; None: no template guard), or one
     per trajectory (see :func:`row_document_template`); ``counts`` collects :func:`probe_candidates`' counts over
-    the chunks tried.
+    the chunks tried. ``chunk_entities``: per trajectory, the entities of each of its chunks, found before (the
+    document's tagged entities mapped onto its chunks, :class:`RecallEntities`), or None to run ``find_entities``
+    over its chunk texts; the same guards apply either way.
     """
     templates = [template] * len(trajectories) if template is None or isinstance(template, str) else list(template)
     if len(templates) != len(trajectories):
         raise ValueError(f"{len(templates)} document templates for {len(trajectories)} trajectories.")
+    known = list(chunk_entities) if chunk_entities is not None else [None] * len(trajectories)
+    if len(known) != len(trajectories):
+        raise ValueError(f"{len(known)} chunk entity lists for {len(trajectories)} trajectories.")
     rng = random.Random(seed)
     plans = [choose_probe_positions(len(t.memories) - 1, policy, rng) for t in trajectories]
-    # Rollouts of one document share their chunks: run NER once per distinct chunk text.
-    texts = sorted({trajectories[i].chunks[chunk - 1] for i, plan in enumerate(plans) for _, chunk in plan})
+    # Rollouts of one document share their chunks: run NER once per distinct chunk text (none if all are known).
+    texts = sorted(
+        {trajectories[i].chunks[chunk - 1] for i, plan in enumerate(plans) if known[i] is None for _, chunk in plan}
+    )
+    if texts and find_entities is None:
+        raise ValueError("Recall probes need find_entities for trajectories without chunk_entities.")
     entities = dict(zip(texts, find_entities(texts))) if texts else {}
 
     probes: list[RecallProbe | None] = []
@@ -151,7 +176,8 @@ def build_recall_probes(
         probe = None
         for k, chunk in plan:
             text = trajectory.chunks[chunk - 1]
-            candidates = probe_candidates(text, entities.get(text) or [], templates[i], counts)
+            found = known[i][chunk - 1] if known[i] is not None else entities.get(text)
+            candidates = probe_candidates(text, found or [], templates[i], counts)
             if candidates:
                 entity = rng.choice(sorted(candidates))
                 masked = mask_entity(text, entity)
@@ -195,3 +221,118 @@ def default_entity_tools() -> tuple[EntityFinder, EntityMasker]:
             return text  # unmaskable without a leak: build_recall_probes moves on to another entity or chunk
 
     return find_entities, mask_target
+
+
+ChunkEntities = list[list[str]]
+"""The entity candidates of each chunk of one rollout (before :func:`probe_candidates`' guards)."""
+
+
+class RecallEntities:
+    """Entity candidates of each rollout's chunks for recall probes, with no NER on the training step's path.
+
+    A row built by :class:`memtrain.data.documents.DocumentBuilder` carries its document's candidates with character
+    offsets (the ``entities`` column); they are mapped onto the agent's token chunks (:func:`chunk_char_spans`: an
+    entity is a chunk's when its span lies inside the chunk). A row without the column (another dataset, an older
+    build) is tagged with the same :func:`~memtrain.data.document_entities.tag_document` in a background thread
+    started with the rollout, so spaCy runs while the engine generates; that is logged once. Either way the
+    candidates are a function of the documents alone, so they do not depend on the thread's timing.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        chunk_size: int,
+        max_chunks: int,
+        find_entities: EntityFinder | None = None,
+        *,
+        background: bool = True,
+    ) -> None:
+        # the thread gets its own tokenizer: a fast tokenizer's Rust state must not be borrowed by two threads
+        self.tokenizer = copy.deepcopy(tokenizer) if background else tokenizer
+        self.chunk_size = chunk_size
+        self.max_chunks = max_chunks
+        self._find_entities = find_entities
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="recall-entities") if background else None
+        )
+        self._warned = False
+
+    @property
+    def find_entities(self) -> EntityFinder:
+        if self._find_entities is None:
+            self._find_entities = default_entity_tools()[0]
+        return self._find_entities
+
+    def start(self, rows: Sequence[Mapping[str, Any]]) -> PendingChunkEntities:
+        """Begin finding the candidates of ``rows`` (one per rollout; copies of a document are done once)."""
+        documents: dict[str, Mapping[str, Any]] = {}
+        for row in rows:
+            documents.setdefault(row.get("context") or "", row)
+        missing = sum(1 for row in documents.values() if row.get(ENTITIES_COLUMN) is None)
+        if missing and not self._warned:
+            self._warned = True
+            logger.warning(
+                "Recall probes: %d of %d documents have no %r column (entity candidates with offsets); they are "
+                "tagged with spaCy during generation, every step. Rebuild the dataset with `memtrain build-data` "
+                "(scripts/build_dataset.py) to store them once.",
+                missing,
+                len(documents),
+                ENTITIES_COLUMN,
+            )
+        keys = [row.get("context") or "" for row in rows]
+        if self._executor is None:
+            future: Future = Future()
+            future.set_result(self._find(documents))
+        else:
+            future = self._executor.submit(self._find, documents)
+        return PendingChunkEntities(future, keys)
+
+    def _find(self, documents: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[list, list, float]]:
+        """Per document: its chunks' character ranges, its candidates, and the seconds spent tagging it."""
+        found = {}
+        for context, row in documents.items():
+            spans = chunk_char_spans(self.tokenizer, context, self.chunk_size, self.max_chunks)
+            entities = read_entities(row)
+            seconds = 0.0
+            if entities is None:
+                template, separator = row_document_layout(row)
+                start = time.perf_counter()
+                kept = [run for runs in spans for run in runs]
+                entities = tag_document(
+                    context, self.find_entities, template=template, separator=separator, within=kept
+                )
+                seconds = time.perf_counter() - start
+            found[context] = (spans, entities, seconds)
+        return found
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+class PendingChunkEntities:
+    """The candidates :meth:`RecallEntities.start` is finding; :meth:`result` waits for them."""
+
+    def __init__(self, future: Future, keys: list[str]) -> None:
+        self._future = future
+        self._keys = keys
+
+    @property
+    def ner_seconds(self) -> float:
+        """Seconds spaCy spent on rows without the column (0 when every row carries it); waits for the result."""
+        return sum(seconds for _, _, seconds in self._future.result().values())
+
+    def result(self, trajectories: Sequence[Trajectory]) -> list[ChunkEntities | None]:
+        """Per rollout (the rows given to ``start``, in order), the candidates of each of its chunks; None for a
+        rollout whose chunks are not the document's token chunks (then :func:`build_recall_probes` tags them)."""
+        if len(trajectories) != len(self._keys):
+            raise ValueError(f"{len(trajectories)} trajectories for {len(self._keys)} rows.")
+        found = self._future.result()
+        out: list[ChunkEntities | None] = []
+        for key, trajectory in zip(self._keys, trajectories):
+            spans, entities, _ = found[key]
+            if len(spans) != len(trajectory.chunks):
+                out.append(None)
+                continue
+            out.append([entities_in_ranges(entities, runs, chunk) for runs, chunk in zip(spans, trajectory.chunks)])
+        return out

@@ -258,6 +258,8 @@ class DocumentBuilder:
             except OSError as error:  # a ValueError naming the key: one line on the command line, not a traceback
                 raise ValueError(f"--tokenizer_name_or_path: {error_summary(error)}") from None
         self._counter: TokenCounter | None = None
+        self._known: dict[str, list[Entity]] = {}  # paragraph text -> its entities (the corpus filter's)
+        self._timing: Counter[str] = Counter()
 
     @property
     def extractor(self) -> EntityExtractor:
@@ -291,9 +293,11 @@ class DocumentBuilder:
                 )
         stats = BuildStats(corpus_paragraphs=n, requested=c.num_documents)
         known_entities: list[list[Entity]] | None = None
+        self._known = {}
         if c.filter_paragraphs:
             paragraphs, known_entities = self._filter_paragraphs(paragraphs, stats)
             n = len(paragraphs)
+            self._known = {p["text"]: ents for p, ents in zip(paragraphs, known_entities)}
         texts = [p["text"] for p in paragraphs]
         if self.tokenizer is not None:
             self._counter = TokenCounter(self.tokenizer, texts, self._render, exact=c.exact_token_count)
@@ -315,6 +319,7 @@ class DocumentBuilder:
         dropped: Counter[str] = Counter()
         labels: Counter[str] = Counter()
         timing: Counter[str] = Counter()
+        self._timing = timing
         progress = None
         if c.show_progress:
             from tqdm.auto import tqdm
@@ -483,6 +488,11 @@ class DocumentBuilder:
                 stats.too_many_tokens += 1
                 return None
         pivot_paragraph = paragraphs[pivot]
+        from memtrain.data.document_entities import ENTITIES_COLUMN, tag_document  # it imports this module
+
+        start = time.perf_counter()
+        entities = tag_document(context, self._find_entities, template=c.document_template, separator=c.separator)
+        self._timing["ner_documents"] += time.perf_counter() - start
         return {
             "id": f"memtrain-s{c.seed}-{pivot_paragraph['id']}",
             "prompt": MEMTRAIN_PROBLEM,
@@ -499,7 +509,15 @@ class DocumentBuilder:
             "num_tokens": num_tokens,
             "num_words": len(context.split()),
             "builder_config": config_json,
+            ENTITIES_COLUMN: entities,
         }
+
+    def _find_entities(self, texts: list[str]) -> list[list[str]]:
+        """The entity rule over a document's paragraphs: the corpus filter's results where a paragraph is unchanged
+        (the same rule on the same text), spaCy for the masked ones."""
+        missing = [text for text in texts if text not in self._known]
+        found = dict(zip(missing, self.extractor(missing))) if missing else {}
+        return [[e.text for e in (self._known[t] if t in self._known else found[t])] for t in texts]
 
     def _render(self, bodies: Sequence[str]) -> str:
         c = self.config
