@@ -8,6 +8,9 @@ The agents' settings are declared once: the memory agent's in ``AgentConfig``, t
 :class:`SearchAgentArguments` (a base of ``MemTrainConfig``). ``memtrain eval`` and ``memtrain read`` parse the same
 dataclasses with :func:`parse_settings`, so ``memtrain eval --config recipes/x.yaml`` reads a model with exactly the
 chunking, budgets and templates it was trained with.
+
+Settings sit below what they configure: the agents, the retriever, the trainer and the evaluation import this module,
+never the other way round (it builds none of them; tests/test_package_layout.py keeps the import graph free of circles).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from trl import GRPOConfig, ModelConfig, ScriptArguments, TrlParser
 
 from memtrain.agent.memory_agent import AgentConfig
 from memtrain.grpo import LOSS_AGGREGATIONS
-from memtrain.rewards import RECALL_METRICS
+from memtrain.metrics import RECALL_METRICS
 
 
 RECALL_LAMBDA = 0.5  # the paper's weight of the recall reward in R_i (PAPER.md section 4)
@@ -52,7 +55,11 @@ class MemTrainScriptArguments(ScriptArguments):
 
 @dataclass
 class SearchAgentArguments:
-    """MEM1's search agent (PAPER.md section 6): the recipe keys of training and the flags of ``memtrain eval``."""
+    """MEM1's search agent (PAPER.md section 6): the recipe keys of training and the flags of ``memtrain eval``.
+
+    Plain settings, below what they configure: :meth:`memtrain.agent.search_agent.SearchAgentConfig.from_arguments`
+    turns them into the agent's settings and :func:`memtrain.retrieval.build_retriever` into its retriever.
+    """
 
     retriever: str | None = field(
         default=None,
@@ -70,27 +77,6 @@ class SearchAgentArguments:
         default=1024, metadata={"help": "Search agent: token budget of one <information> block (MEM1: 1k)."}
     )
     search_max_new_tokens: int = field(default=512, metadata={"help": "Search agent: new tokens per turn."})
-
-    def search_agent_config(self):
-        """The :class:`~memtrain.agent.search_agent.SearchAgentConfig` these settings describe."""
-        from memtrain.agent.search_agent import SearchAgentConfig
-
-        return SearchAgentConfig(
-            max_turns=self.search_max_turns,
-            topk=self.search_topk,
-            observation_max_tokens=self.search_observation_tokens,
-            max_new_tokens=self.search_max_new_tokens,
-        )
-
-    def build_retriever(self):
-        """A client of the retriever service (an http URL) or an in-process index of the corpus; None without one."""
-        if not self.retriever:
-            return None
-        from memtrain.retrieval import RemoteRetriever, Retriever
-
-        if self.retriever.startswith(("http://", "https://")):
-            return RemoteRetriever(self.retriever)
-        return Retriever.from_corpus(self.retriever, method=self.retriever_method)
 
 
 AGENT_DATACLASSES = (AgentConfig, SearchAgentArguments)

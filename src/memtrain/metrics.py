@@ -32,7 +32,12 @@ __all__ = [
     "extract_answer",
     "masked_entity_match",
     "EVALUATE_MODULE",
+    "RECALL_METRICS",
 ]
+
+# How a recall answer may be scored (the recipe key `recall_metric`; memtrain.rewards.recall_score applies them):
+# here, below both the recipe's settings and the rewards, so the settings can validate the name without the rewards.
+RECALL_METRICS = ("exact", "f1")
 
 # `evaluate.load(EVALUATE_MODULE)`: EM, sub-EM, F1 and masked-entity match as a Hugging Face `evaluate` module.
 EVALUATE_MODULE = str(Path(__file__).resolve().parent / "resources" / "metrics" / "memtrain_qa")

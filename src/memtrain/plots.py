@@ -1,49 +1,14 @@
-"""Every plot memtrain draws (evaluation's accuracy vs context length, the demo's reward curves), in one place.
+"""Training's plot: the reward curves of a run (the demo's report). Evaluation's accuracy-vs-length plot is drawn by
+:mod:`memtrain.evaluation.report`, beside the scores it plots.
 
 matplotlib is imported inside each function with the Agg backend, so importing this module needs no display.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-
-def save_accuracy_plot(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Accuracy (each task's headline metric) against the bucket, one line per model / mode / task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from memtrain.evaluation.scoring import PRIMARY_METRIC, _bucket_sort_key
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    numeric = True
-    for run in results.get("runs", []):
-        metric = PRIMARY_METRIC[run["task"]]
-        points = [(b, m[metric]) for b, m in run["metrics"]["buckets"].items() if m["n"] > 0 and metric in m]
-        points.sort(key=lambda p: _bucket_sort_key(p[0]))
-        if not points:
-            continue
-        numeric = numeric and all(_bucket_sort_key(b)[0] == 0 for b, _ in points)
-        xs = [float(b) if numeric else b for b, _ in points]
-        ax.plot(xs, [100 * v for _, v in points], marker="o", label=f"{run['label']} ({run['mode']}, {run['task']})")
-    if numeric and ax.lines:
-        ax.set_xscale("log")
-    ax.set_xlabel("documents per context (N)" if numeric else "bucket")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8)
-    ax.set_title("Accuracy vs context length")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def save_reward_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path | None:

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from memtrain.data.rows import check_rows
+
 
 __all__ = [
     "PreflightError",
@@ -382,8 +384,6 @@ def check_training_rows(rows: Any, source: str, task: str = "memory") -> None:
     A row with an empty ``context`` (0 chunks) or no gold answer (``answers: []`` or a plain string) trained with
     rc 0 before: None rewards, steps skipped silently.
     """
-    from memtrain.evaluation import check_rows
-
     try:
         check_rows(rows, task, source=source)
     except ValueError as error:

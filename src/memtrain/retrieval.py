@@ -28,7 +28,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    from memtrain.configs import SearchAgentArguments
 
 
 logger = logging.getLogger(__name__)
@@ -395,6 +399,15 @@ class RemoteRetriever:
         request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return json.loads(response.read())
+
+
+def build_retriever(args: SearchAgentArguments) -> Retriever | RemoteRetriever | None:
+    """A client of the retriever service (an http URL) or an in-process index of the corpus; None without one."""
+    if not args.retriever:
+        return None
+    if args.retriever.startswith(("http://", "https://")):
+        return RemoteRetriever(args.retriever)
+    return Retriever.from_corpus(args.retriever, method=args.retriever_method)
 
 
 @dataclass

@@ -26,7 +26,14 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from memtrain.metrics import exact_match, extract_answer, f1_score, masked_entity_match, substring_match
+from memtrain.metrics import (
+    RECALL_METRICS,
+    exact_match,
+    extract_answer,
+    f1_score,
+    masked_entity_match,
+    substring_match,
+)
 
 
 __all__ = [
@@ -104,9 +111,6 @@ def _import_reward(path: str) -> RewardFunc:
 def recall_em(prediction_text: str, gold: str | Sequence[str], lenient: bool = False) -> float:
     """Score one memory-recall answer (the trainer calls this for each of the G2 answers): the paper's boxed EM."""
     return float(masked_entity_match(prediction_text, gold, lenient=lenient))
-
-
-RECALL_METRICS = ("exact", "f1")
 
 
 def recall_score(

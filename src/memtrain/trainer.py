@@ -37,7 +37,7 @@ from memtrain.agent.recall import (
     default_entity_tools,
     row_document_template,
 )
-from memtrain.agent.search_agent import build_search_agent
+from memtrain.agent.search_agent import SearchAgent, SearchAgentConfig
 from memtrain.agent.trajectory import Trajectory
 from memtrain.configs import MemTrainConfig
 from memtrain.grpo import (
@@ -52,11 +52,19 @@ from memtrain.grpo import (
 )
 from memtrain.models import upcast_trainable_params
 from memtrain.preflight import check_grpo_options
+from memtrain.retrieval import build_retriever
 from memtrain.rewards import get_reward_funcs, recall_score
 from memtrain.vllm_rollouts import VLLMRolloutSession, check_vllm_version, memtrain_vllm_generation, sync_counter
 
 
 logger = logging.getLogger(__name__)
+
+
+def build_search_agent(args: MemTrainConfig, tokenizer: Any, generator: Any) -> SearchAgent | None:
+    """MEM1's search agent over an in-process index or a shared retriever service; None for the memory agent."""
+    if args.agent_type != "search":
+        return None
+    return SearchAgent(tokenizer, generator, build_retriever(args), SearchAgentConfig.from_arguments(args))
 
 
 class TrainerGenerator:

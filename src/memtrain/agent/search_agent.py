@@ -24,7 +24,7 @@ from memtrain.agent.trajectory import ModelCall, Trajectory
 
 
 if TYPE_CHECKING:
-    from memtrain.configs import MemTrainConfig
+    from memtrain.configs import SearchAgentArguments
 
 
 INITIAL_STATE = "No internal state yet."
@@ -103,6 +103,16 @@ class SearchAgentConfig:
             missing = [p for p in placeholders if p not in getattr(self, name)]
             if missing:
                 raise ValueError(f"SearchAgentConfig.{name} is missing {', '.join(missing)}.")
+
+    @classmethod
+    def from_arguments(cls, args: SearchAgentArguments) -> SearchAgentConfig:
+        """The settings a recipe's (or ``memtrain eval``'s) search-agent keys describe."""
+        return cls(
+            max_turns=args.search_max_turns,
+            topk=args.search_topk,
+            observation_max_tokens=args.search_observation_tokens,
+            max_new_tokens=args.search_max_new_tokens,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -431,10 +441,3 @@ class SearchAgent:
                 "forced_final": forced,
             }
         )
-
-
-def build_search_agent(args: MemTrainConfig, tokenizer: Any, generator: Generator) -> SearchAgent | None:
-    """MEM1's search agent over an in-process index or a shared retriever service; None for the memory agent."""
-    if args.agent_type != "search":
-        return None
-    return SearchAgent(tokenizer, generator, args.build_retriever(), args.search_agent_config())

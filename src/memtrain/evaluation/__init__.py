@@ -18,12 +18,13 @@ Outputs in ``--output_dir``: ``results.json`` (every run: metrics per bucket + a
 evaluating several models into one folder builds one comparison table.
 
 One module per concern: ``scoring`` (metrics of one reply, aggregation), ``config`` (the settings of a result),
-``data`` (rows: loading, checks, buckets), ``runner`` (memory agent, search agent, full context), ``report``
-(results.json / .md; the plot is in :mod:`memtrain.plots`), ``harness`` (the whole evaluation) and ``cli``.
+``data`` (rows: loading, buckets; their checks are :mod:`memtrain.data.rows`), ``runner`` (memory agent, search agent, full context), ``report``
+(results.json / .md and the accuracy-vs-length plot), ``harness`` (the whole evaluation) and ``cli``.
 """
 
+from memtrain.data.rows import check_rows
 from memtrain.evaluation.config import EvalConfig
-from memtrain.evaluation.data import build_longqa_rows, check_rows, load_rows, row_bucket, select_rows
+from memtrain.evaluation.data import build_longqa_rows, load_rows, row_bucket, select_rows
 from memtrain.evaluation.harness import evaluate
 from memtrain.evaluation.report import PLOT_PNG, RESULTS_JSON, RESULTS_MD, merge_runs, render_markdown, write_reports
 from memtrain.evaluation.runner import Evaluator, RunOutput

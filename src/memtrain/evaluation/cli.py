@@ -20,6 +20,7 @@ from memtrain.evaluation.config import EvalArguments, EvalConfig
 from memtrain.evaluation.data import build_longqa_rows, load_rows, map_columns, prepare_rows
 from memtrain.evaluation.harness import check_resume, evaluate
 from memtrain.evaluation.report import PLOT_PNG, RESULTS_JSON, RESULTS_MD, render_markdown
+from memtrain.retrieval import build_retriever
 
 
 EVAL_DATACLASSES = (EvalArguments, EvalConfig)
@@ -54,7 +55,7 @@ def run_eval(argv: Sequence[str] | None = None, prog: str = "memtrain eval") -> 
     label = args.label or args.model
     if not args.overwrite:
         check_resume(output_dir, label, config, extra)  # other settings in --output_dir: refused before the load
-    retriever = config.build_retriever() if config.task == "search" else None
+    retriever = build_retriever(config) if config.task == "search" else None
 
     start = time.perf_counter()
     tokenizer, generator = load_generator(

@@ -1,4 +1,4 @@
-"""Evaluation rows: loading, validation, per-bucket selection and long-text QA buckets built on the fly."""
+"""Evaluation rows: loading, per-bucket selection and long-text QA buckets built on the fly (checks: memtrain.data.rows)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from memtrain.data.rows import check_rows
 from memtrain.evaluation.scoring import ALL_BUCKETS
 
 
@@ -179,34 +180,6 @@ def expand_questions(rows: Sequence[Mapping[str, Any]], task: str, source: str =
                 }  # fmt: skip
             )
     return expanded
-
-
-def check_rows(rows: Sequence[Mapping[str, Any]], task: str, source: str = "<rows>") -> None:
-    """Fail early, naming the row and key, on rows the task cannot score."""
-    if not rows:
-        raise ValueError(f"--dataset {source} has no rows.")
-    needed = ("prompt", "answers") if task == "search" else ("prompt", "context", "answers")
-    for index, row in enumerate(rows):
-        missing = [key for key in needed if key not in row]
-        if missing:
-            raise ValueError(
-                f"--dataset {source} row {index}: missing {', '.join(missing)} (keys: {sorted(row)}). Rows need "
-                f"{', '.join(needed)}; build long-text QA rows with memtrain.data.longqa or pass --longqa_num_docs."
-            )
-        answers = row["answers"]
-        if task != "search" and (isinstance(answers, str) or not answers):
-            raise ValueError(f"--dataset {source} row {index}: `answers` must be a non-empty list of strings.")
-        if task == "search":
-            continue
-        if not all(isinstance(a, str) and a.strip() for a in answers):
-            raise ValueError(
-                f"--dataset {source} row {index}: `answers` must be a non-empty list of non-empty strings, got "
-                f"{answers!r:.200}."
-            )
-        if not isinstance(row["context"], str) or not row["context"].strip():
-            raise ValueError(
-                f"--dataset {source} row {index}: `context` is empty; the memory agent has nothing to read."
-            )
 
 
 def row_bucket(row: Mapping[str, Any], column: str) -> str:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from memtrain.evaluation.scoring import ALL_BUCKETS, PRIMARY_METRIC, TASKS, _bucket_sort_key
-from memtrain.plots import save_accuracy_plot
 
 
 RESULTS_JSON = "results.json"
@@ -92,3 +91,37 @@ def merge_runs(previous: Mapping[str, Any] | None, new_runs: Sequence[Mapping[st
     keys = {(run["label"], run["mode"], run["task"]) for run in new_runs}
     kept = [run for run in (previous or {}).get("runs", []) if (run["label"], run["mode"], run["task"]) not in keys]
     return {"runs": kept + list(new_runs)}
+
+
+def save_accuracy_plot(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Accuracy (each task's headline metric) against the bucket, one line per model / mode / task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    numeric = True
+    for run in results.get("runs", []):
+        metric = PRIMARY_METRIC[run["task"]]
+        points = [(b, m[metric]) for b, m in run["metrics"]["buckets"].items() if m["n"] > 0 and metric in m]
+        points.sort(key=lambda p: _bucket_sort_key(p[0]))
+        if not points:
+            continue
+        numeric = numeric and all(_bucket_sort_key(b)[0] == 0 for b, _ in points)
+        xs = [float(b) if numeric else b for b, _ in points]
+        ax.plot(xs, [100 * v for _, v in points], marker="o", label=f"{run['label']} ({run['mode']}, {run['task']})")
+    if numeric and ax.lines:
+        ax.set_xscale("log")
+    ax.set_xlabel("documents per context (N)" if numeric else "bucket")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    ax.set_title("Accuracy vs context length")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

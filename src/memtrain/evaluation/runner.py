@@ -193,12 +193,12 @@ class Evaluator:
         return RunOutput(replies, [[] for _ in rows], [None] * len(rows), time.perf_counter() - start)
 
     def run_search_agent(self, rows: Sequence[Mapping[str, Any]], batch_index: int = 0) -> RunOutput:
-        from memtrain.agent.search_agent import SearchAgent
+        from memtrain.agent.search_agent import SearchAgent, SearchAgentConfig
 
         if self.retriever is None:
             raise ValueError("--task search needs a retriever: pass --retriever CORPUS (a passages file) or URL.")
         cfg = self.config
-        agent = SearchAgent(self.tokenizer, self.generator, self.retriever, cfg.search_agent_config())
+        agent = SearchAgent(self.tokenizer, self.generator, self.retriever, SearchAgentConfig.from_arguments(cfg))
         start = time.perf_counter()
         replies, pages, extra = [], [], []
         for index, (_, batch) in enumerate(self._batches(rows), start=batch_index):
