@@ -21,8 +21,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from memtrain.data.documents import DEFAULT_DOCUMENT_TEMPLATE
-
 
 __all__ = [
     "DEFAULT_SEPARATOR",
@@ -36,6 +34,8 @@ __all__ = [
 ]
 
 ENTITIES_COLUMN = "entities"
+# How the MemTrain builder renders one paragraph; defined here, below the builder (memtrain.data.documents re-exports it).
+DEFAULT_DOCUMENT_TEMPLATE = "Document {index}:\n{text}"
 DEFAULT_SEPARATOR = "\n\n"
 MAX_UNIT_CHARS = 20_000  # a block longer than this (no blank lines) is tagged in pieces cut at line breaks
 

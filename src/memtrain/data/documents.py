@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from memtrain.agent.prompts import MASK_TOKEN, MEMTRAIN_PROBLEM
+from memtrain.data.document_entities import DEFAULT_DOCUMENT_TEMPLATE, ENTITIES_COLUMN, tag_document
 from memtrain.data.entities import Entity, EntityExtractor, EntityLeakError, find_leaks, mask_entity_in_texts
 from memtrain.data.neighbours import NeighbourIndex, build_index
 
@@ -42,8 +43,6 @@ __all__ = [
     "build_documents",
     "template_spans",
 ]
-
-DEFAULT_DOCUMENT_TEMPLATE = "Document {index}:\n{text}"
 
 
 @lru_cache(maxsize=16)
@@ -488,8 +487,6 @@ class DocumentBuilder:
                 stats.too_many_tokens += 1
                 return None
         pivot_paragraph = paragraphs[pivot]
-        from memtrain.data.document_entities import ENTITIES_COLUMN, tag_document  # it imports this module
-
         start = time.perf_counter()
         entities = tag_document(context, self._find_entities, template=c.document_template, separator=c.separator)
         self._timing["ner_documents"] += time.perf_counter() - start
