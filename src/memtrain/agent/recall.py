@@ -328,11 +328,17 @@ class PendingChunkEntities:
         if len(trajectories) != len(self._keys):
             raise ValueError(f"{len(trajectories)} trajectories for {len(self._keys)} rows.")
         found = self._future.result()
+        mapped: dict[tuple[str, tuple[str, ...]], ChunkEntities | None] = {}  # a document's G1 rollouts: once
         out: list[ChunkEntities | None] = []
         for key, trajectory in zip(self._keys, trajectories):
             spans, entities, _ = found[key]
-            if len(spans) != len(trajectory.chunks):
-                out.append(None)
-                continue
-            out.append([entities_in_ranges(entities, runs, chunk) for runs, chunk in zip(spans, trajectory.chunks)])
+            memo = (key, tuple(trajectory.chunks))
+            if memo not in mapped:
+                mapped[memo] = (
+                    [entities_in_ranges(entities, runs, chunk) for runs, chunk in zip(spans, trajectory.chunks)]
+                    if len(spans) == len(trajectory.chunks)
+                    else None
+                )
+            chunk_entities = mapped[memo]
+            out.append(None if chunk_entities is None else [list(entities) for entities in chunk_entities])
         return out
