@@ -49,6 +49,7 @@ def test_recipe_builds_disk_parquet_card_and_stats(tmp_path, smollm2_tokenizer_d
     for row in saved:
         assert row["answers"][0].lower() not in row["context"].lower()
         assert 400 <= row["num_tokens"] <= 2000 and row["num_paragraphs"] == 10  # the recipe's sizes
+        assert row["entities"] and all(row["context"][e["start"] : e["end"]] == e["text"] for e in row["entities"])
     stats = json.loads((out / "build_stats.json").read_text())
     assert stats["build"]["built"] == 6 and stats["corpus"]["rows"] == 300
     card = DatasetCard.load(out / "README.md")

@@ -97,6 +97,8 @@ def memtrain_features() -> Any:
             "num_tokens": Value("int64"),
             "num_words": Value("int64"),
             "builder_config": Value("string"),
+            # recall-probe candidates, tagged once (memtrain.data.document_entities): no NER at train time
+            "entities": List({"text": Value("string"), "start": Value("int64"), "end": Value("int64")}),
         }
     )
 
