@@ -124,6 +124,24 @@ def tiny_checkpoint(tmp_path, tokenizer) -> Path:
     return save_tiny_checkpoint(tokenizer, tmp_path / "tiny-checkpoint")
 
 
+@pytest.fixture(scope="module")
+def documents():
+    """Three real MemTrain documents (5 paragraphs each) built from the shipped Wikipedia sample.
+
+    The trainer tests' (tests/test_trainer*.py), one build per module.
+    """
+    from datasets import Dataset
+
+    from memtrain.data.corpus import builtin_corpus_path, load_corpus
+    from memtrain.data.documents import DocumentBuilderConfig, build_documents
+
+    corpus = load_corpus(str(builtin_corpus_path("wiki-sample")), limit=300)
+    config = DocumentBuilderConfig(
+        num_documents=3, num_neighbours=2, num_random=2, neighbour_method="bm25", seed=7, show_progress=False
+    )
+    return Dataset.from_list(build_documents(corpus.paragraphs, config).rows)
+
+
 def save_built_documents(folder: Path, num_documents: int, corpus_limit: int, seed: int) -> Path:
     """MemTrain documents built (BM25, 1 neighbour, 1 random paragraph) from the shipped sample, saved to disk."""
     from datasets import Dataset

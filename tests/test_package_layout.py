@@ -1,4 +1,4 @@
-"""The shape of src/memtrain, read from its source: no import circles.
+"""The shape of src/memtrain, read from its source: no import circles and no class too big to find one's way in.
 
 Every import statement counts, module level and inside functions alike (a deferred import hides a circle from
 Python's import machinery, not from the reader), so the module graph is built with `ast`, never by importing.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "memtrain"
+MAX_CLASS_LINES = 300
 
 
 def _module_name(path: Path) -> str:
@@ -106,3 +107,12 @@ def test_import_graph_is_read_from_every_import_statement():
 def test_no_import_cycle_in_the_package():
     cycle = _find_cycle(_import_graph())
     assert cycle is None, "import cycle in src/memtrain: " + " -> ".join(cycle)
+
+
+def test_no_class_over_the_line_limit():
+    too_big = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ClassDef) and (lines := node.end_lineno - node.lineno + 1) > MAX_CLASS_LINES:
+                too_big.append(f"{module}.{node.name}: {lines} lines")
+    assert not too_big, f"classes over {MAX_CLASS_LINES} lines: {too_big}"

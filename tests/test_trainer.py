@@ -8,28 +8,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from memtrain.agent.generation import SamplingConfig, TransformersGenerator
-from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
+from memtrain.agent.memory_agent import AgentConfig
 from memtrain.configs import MemTrainConfig
-from memtrain.grpo import TrainingRow
 from memtrain.rewards import REWARD_FUNCS
-from memtrain.trainer import MemTrainer, TrainerGenerator
+from memtrain.trainer import MemTrainer
 
 
 AGENT = AgentConfig(chunk_size=48, max_chunks=2, max_problem_tokens=64, max_memory_tokens=8, max_answer_tokens=6)
-
-
-@pytest.fixture(scope="module")
-def documents() -> Dataset:
-    """Three real MemTrain documents (5 paragraphs each) built from the shipped Wikipedia sample."""
-    from memtrain.data.corpus import builtin_corpus_path, load_corpus
-    from memtrain.data.documents import DocumentBuilderConfig, build_documents
-
-    corpus = load_corpus(str(builtin_corpus_path("wiki-sample")), limit=300)
-    config = DocumentBuilderConfig(
-        num_documents=3, num_neighbours=2, num_random=2, neighbour_method="bm25", seed=7, show_progress=False
-    )
-    return Dataset.from_list(build_documents(corpus.paragraphs, config).rows)
 
 
 def answer_length_reward(completions, **kwargs) -> list[float]:
@@ -79,34 +64,6 @@ def make_trainer(model, tokenizer, dataset, tmp_path: Path, funcs=None, **overri
     )
 
 
-def test_every_row_is_scored_on_its_own_prompt(tiny_model, tokenizer, documents, tmp_path):
-    """Training-time log-probs of each call's completion = generation-time log-probs of that same completion."""
-    generator = TransformersGenerator(tiny_model, tokenizer, SamplingConfig(temperature=1.0, seed=3))
-    agent = MemoryAgent(tokenizer, generator, AGENT)
-    trajectories = agent.rollout(documents["context"][:2], documents["prompt"][:2], n=2)
-    rows, expected = [], []
-    for i, trajectory in enumerate(trajectories):
-        assert len(trajectory.calls) == trajectory.num_chunks + 1
-        for call in trajectory.calls:
-            rows.append(TrainingRow(call.prompt_ids, call.completion_ids, 1.0, call.kind, i))
-            expected.append(call.logprobs)
-    trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path)
-    computed = trainer.compute_row_logps(rows)
-    for got, want, row in zip(computed, expected, rows):
-        assert len(got) == len(row.completion_ids)
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-4, rtol=0)
-
-
-def test_trainer_generator_makes_one_call_per_agent_step(tiny_model, tokenizer, documents, tmp_path):
-    trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path)
-    trajectories = trainer.memory_agent.rollout(documents["context"][:2], documents["prompt"][:2], n=2)
-    steps = max(len(t.calls) for t in trajectories)
-    assert isinstance(trainer.generator, TrainerGenerator)
-    assert trainer.generator.calls == steps
-    for trajectory in trajectories:
-        assert all(len(c.completion_ids) <= AGENT.max_memory_tokens for c in trajectory.calls if c.kind == "update")
-
-
 def test_two_steps_train_checkpoint_and_resume(tiny_model, tokenizer, documents, tmp_path):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path)
@@ -132,22 +89,6 @@ def test_two_steps_train_checkpoint_and_resume(tiny_model, tokenizer, documents,
     assert resumed.state.global_step == 3
     steps = [entry["step"] for entry in resumed.state.log_history if "reward" in entry]
     assert steps == [1, 2, 3]
-
-
-def test_a_step_whose_groups_are_all_filtered_leaves_the_weights_alone(tiny_model, tokenizer, documents, tmp_path):
-    def constant_reward(completions, **kwargs):
-        return [1.0] * len(completions)
-
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    trainer = make_trainer(
-        tiny_model, tokenizer, documents, tmp_path, max_steps=1, weight_decay=0.1, train_recall_answers=False,
-        reward_funcs=["constant_reward"], reward_weights=[1.0], filter_zero_variance_groups=True,
-        funcs=[constant_reward],
-    )  # fmt: skip
-    trainer.train()
-    assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
-    log = next(entry for entry in trainer.state.log_history if "reward" in entry)
-    assert log["groups_filtered"] == 1 and log["rows_trained"] == 0 and log["skipped_steps"] == 1
 
 
 def test_ddp_processes_with_different_call_counts_stay_in_lockstep(smollm2_tokenizer_dir, tmp_path):
@@ -208,125 +149,3 @@ def test_search_agent_rollouts_train_one_row_per_turn(tiny_model, tokenizer, tmp
     # every rollout makes 1..3 calls (2 turns + a forced answer), each its own row
     assert 2 <= log["rows_trained"] <= 2 * 2 * 3
     assert any(not torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
-
-
-def test_kl_to_the_reference_model_is_a_loss_term_when_beta_is_set(tiny_checkpoint, tokenizer, documents, tmp_path):
-    """Full fine-tuning with beta > 0: TRL's reference copy scores every row; the KL is logged (0 at step 1)."""
-    trainer = make_trainer(str(tiny_checkpoint), tokenizer, documents, tmp_path, max_steps=1, beta=0.04)
-    assert trainer.ref_model is not None
-    trainer.train()
-    log = next(entry for entry in trainer.state.log_history if "reward" in entry)
-    assert log["rows_trained"] > 0
-    # before the first update the policy is the reference: the k3 estimate is 0 up to float error
-    assert log["kl"] == pytest.approx(0.0, abs=1e-6)
-
-
-def test_reused_generations_are_scored_against_their_old_log_probs(tiny_model, tokenizer, documents, tmp_path):
-    """num_iterations = 2: the second update reuses the rollouts, so rows carry their generation-time log-probs."""
-    trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path, max_steps=2, num_iterations=2)
-    trainer.train()
-    rows = [row for shard in trainer._buffered_inputs for row in shard]
-    assert rows and all(row.old_logps is not None and len(row.old_logps) == len(row.completion_ids) for row in rows)
-    logs = [entry for entry in trainer.state.log_history if "clip_ratio/region_mean" in entry]
-    assert len(logs) == 2
-    # one rollout phase for the two updates
-    assert len([entry for entry in trainer.state.log_history if "rollout_time" in entry]) == 1
-
-
-def test_log_completions_records_each_rollouts_problem_memories_answer_rewards(
-    tiny_model, tokenizer, documents, tmp_path, capsys
-):
-    """TRL's completions table (printed, saved under completions/) with one row per rollout of the step."""
-    import pandas as pd
-
-    trainer = make_trainer(
-        tiny_model, tokenizer, documents, tmp_path, max_steps=1, log_completions=True, num_completions_to_print=1,
-        trajectory_html_steps=0, save_strategy="no",
-    )  # fmt: skip
-    trainer.train()
-    tables = sorted((Path(trainer.args.output_dir) / "completions").glob("*.parquet"))
-    assert [t.name for t in tables] == ["completions_00001.parquet"]
-    table = pd.read_parquet(tables[0])
-    expected = ["step", "prompt", "completion", "answer_length_reward", "memory_recall", "memories", "doc_id"]
-    assert list(table.columns) == [*expected, "advantage"]
-    trajectories = trainer._last_trajectories
-    assert len(table) == len(trajectories) == 2  # one document x num_generations rollouts
-    for (_, row), trajectory in zip(table.iterrows(), trajectories, strict=True):
-        assert row["prompt"] == trajectory.problem and row["completion"] == trajectory.answer
-        assert len(trajectory.memories) > 1  # the initial memory, then one per chunk read
-        for t, memory in enumerate(trajectory.memories[1:], start=1):
-            assert f"[{t}] {memory}" in row["memories"]
-    # advantages are centred within the document's group; rewards are the functions' own values
-    assert table["advantage"].sum() == pytest.approx(0.0, abs=1e-6)
-    assert table["answer_length_reward"].tolist() == pytest.approx([len(t.answer) / 10 for t in trajectories])
-    assert "Step 1" in capsys.readouterr().out  # rich printed num_completions_to_print rows
-
-
-def test_a_filtered_micro_step_does_not_skip_the_accumulated_update(tiny_model, tokenizer, documents, tmp_path):
-    """Gradient accumulation 2: an all-filtered first micro-step, a learning second one: the update happens."""
-    calls = []
-
-    def constant_then_length_reward(completions, **kwargs):
-        calls.append(len(completions))
-        return [1.0 if len(calls) == 1 else len(text) + i for i, text in enumerate(completions)]
-
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    trainer = make_trainer(
-        tiny_model, tokenizer, documents, tmp_path, max_steps=1, gradient_accumulation_steps=2,
-        steps_per_generation=1, train_recall_answers=False, reward_funcs=["constant_then_length_reward"],
-        reward_weights=[1.0], filter_zero_variance_groups=True, funcs=[constant_then_length_reward],
-        trajectory_html_steps=0, save_strategy="no",
-    )  # fmt: skip
-    trainer.train()
-    assert len(calls) == 2 and trainer.state.global_step == 1
-    log = next(entry for entry in trainer.state.log_history if "reward" in entry)
-    assert log["skipped_steps"] == 0.5  # the first micro-step had nothing to learn, the second had rows
-    assert any(not torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
-
-
-def test_rows_scored_after_an_update_get_old_log_probs(tiny_model, tokenizer, documents, tmp_path):
-    """steps_per_generation 2, gradient accumulation 3: a generation's second half is trained after a step."""
-    trainer = make_trainer(
-        tiny_model, tokenizer, documents, tmp_path, max_steps=1, gradient_accumulation_steps=3,
-        steps_per_generation=2, trajectory_html_steps=0, save_strategy="no",
-    )  # fmt: skip
-    assert trainer._needs_old_logps()
-    trainer.model.train()
-    trainer._prepare_inputs([documents[i] for i in (0, 0, 1, 1)])  # a generation batch: 2 documents x G1
-    rows = [row for shard in trainer._buffered_inputs for row in shard]
-    assert rows and all(row.old_logps is not None and len(row.old_logps) == len(row.completion_ids) for row in rows)
-    aligned = make_trainer(tiny_model, tokenizer, documents, tmp_path, gradient_accumulation_steps=2,
-                           steps_per_generation=2)  # fmt: skip
-    assert not aligned._needs_old_logps()  # one optimizer step consumes the whole generation
-
-
-def test_deepspeed_is_refused_before_the_model_loads(tiny_model, tokenizer, documents, tmp_path, monkeypatch):
-    args = MemTrainConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_generations=2,
-                          use_cpu=True, report_to="none")  # fmt: skip
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch --config_file zero3.yaml` sets
-    with pytest.raises(ValueError, match="DeepSpeed"):
-        MemTrainer.check_launcher()  # train.py's check, before the recipe is parsed
-    with pytest.raises(ValueError, match=r"DeepSpeed.*fsdp\.yaml"):
-        MemTrainer(model=tiny_model, args=args, agent_config=AGENT, train_dataset=documents, processing_class=tokenizer,
-                   entity_tools=entity_tools(), reward_funcs=[answer_length_reward])  # fmt: skip
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
-    MemTrainer.check_launcher(args)  # DDP / FSDP / one process: accepted
-    with pytest.raises(ValueError, match="DeepSpeed"):
-        MemTrainer.check_launcher(args, deepspeed_enabled=True)  # a plugin passed in code
-
-
-def test_fsdp2_under_bf16_reduces_gradients_in_fp32():
-    """Accelerate's FSDP2 plugin under mixed_precision bf16 reduces in bf16; MemTrainer switches that to fp32."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-    plugin.set_mixed_precision("bf16")  # what AcceleratorState does for `mixed_precision: bf16`
-    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16
-    policy = MemTrainer._fp32_reduce_policy(plugin)
-    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32,
-                                                                              torch.bfloat16)  # fmt: skip
-    full = FullyShardedDataParallelPlugin(fsdp_version=2)
-    assert MemTrainer._fp32_reduce_policy(full) is None  # no mixed precision: parameters' own dtype
-    full.set_mixed_precision("fp32")
-    assert MemTrainer._fp32_reduce_policy(full) is None
-    assert MemTrainer._fp32_reduce_policy(None) is None

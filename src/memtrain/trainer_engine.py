@@ -1,0 +1,190 @@
+"""MemTrainer's engine glue: how it drives TRL's generation, refuses launchers, reduces gradients, steps the optimizer.
+
+- :class:`TrainerGenerator`: the agents' ``Generator`` over TRL's own generation path (transformers ``generate`` or
+  vLLM), with every process joining each generation round.
+- :class:`TrainerEngineMixin`: the launcher check (no DeepSpeed), FSDP2's fp32 gradient reduction, the optimizer
+  guard that skips a step with no gradient, and the one collective that gathers floats from every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from memtrain.agent.generation import GenerationOutput, SamplingConfig
+
+
+logger = logging.getLogger(__name__)
+
+
+class TrainerGenerator:
+    """The agent's Generator over TRL's own generation path of a trainer.
+
+    That path is transformers ``generate`` (unwrapping DeepSpeed ZeRO-3 / FSDP parameters for generation) or vLLM in
+    colocate or server mode (weights synced to vLLM once per optimizer step). The per-call token budget (memory,
+    answer) is applied by temporarily setting the trainer's completion length.
+    """
+
+    def __init__(self, trainer: GRPOTrainer):
+        self.trainer = trainer
+        self.calls = 0
+
+    @contextlib.contextmanager
+    def _max_new_tokens(self, max_new_tokens: int):
+        trainer = self.trainer
+        saved = trainer.max_completion_length
+        vllm = getattr(trainer, "vllm_generation", None) if trainer.use_vllm else None
+        generation_config = getattr(trainer, "generation_config", None)
+        saved_config = getattr(generation_config, "max_new_tokens", None)
+        trainer.max_completion_length = max_new_tokens
+        if vllm is not None:
+            vllm.max_completion_length = max_new_tokens
+        if generation_config is not None:
+            generation_config.max_new_tokens = max_new_tokens
+        try:
+            yield
+        finally:
+            trainer.max_completion_length = saved
+            if vllm is not None:
+                vllm.max_completion_length = saved
+            if generation_config is not None:
+                generation_config.max_new_tokens = saved_config
+
+    def _run(self, prompts: list[list[int]], n: int, max_new_tokens: int) -> tuple[list[list[int]], list | None]:
+        with self._max_new_tokens(max_new_tokens):
+            completion_ids, logprobs = self.trainer._generate_single_turn(prompts, None, {}, n)
+        return [list(c) for c in completion_ids], logprobs
+
+    def _exchange(self, count: int, budget: int, done: bool) -> tuple[int, int, bool]:
+        """One collective round: the widest batch, the largest budget, and whether every process is done."""
+        accelerator = self.trainer.accelerator
+        local = torch.tensor([[count, budget, int(done)]], device=accelerator.device)
+        everyone = accelerator.gather(local)
+        return int(everyone[:, 0].max()), int(everyone[:, 1].max()), bool(everyone[:, 2].min())
+
+    @property
+    def _filler_prompt(self) -> list[int]:
+        tokenizer = self.trainer.processing_class
+        return [tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id]
+
+    def generate(
+        self, prompt_ids: list[list[int]], n: int = 1, sampling: SamplingConfig | None = None
+    ) -> GenerationOutput:
+        self.calls += 1
+        expanded = [list(ids) for ids in prompt_ids for _ in range(n)]
+        max_new_tokens = sampling.max_new_tokens if sampling is not None else self.trainer.max_completion_length
+        if self.trainer.accelerator.num_processes == 1:
+            completion_ids, logprobs = self._run(expanded, n, max_new_tokens) if expanded else ([], [])
+        else:
+            # Generation is collective across processes (FSDP/ZeRO-3 parameter gathering, vLLM server and tensor
+            # parallel groups), but each process's memory loop makes its own number of calls with its own batch
+            # size. So every call is a round in which all processes take part with equally wide batches.
+            width, budget, _ = self._exchange(len(expanded), max_new_tokens, done=False)
+            padded = expanded + [self._filler_prompt] * (width - len(expanded))
+            completion_ids, logprobs = self._run(padded, 1, budget)
+            completion_ids = completion_ids[: len(expanded)]
+            logprobs = None if logprobs is None else logprobs[: len(expanded)]
+        eos = set(self.trainer.eos_token_ids)
+        finished = [bool(c) and c[-1] in eos for c in completion_ids]
+        return GenerationOutput(completion_ids=completion_ids, finished=finished, logprobs=logprobs)
+
+    def synchronize(self) -> None:
+        """Join the other processes' remaining generation rounds until every process has finished its rollouts."""
+        if self.trainer.accelerator.num_processes == 1:
+            return
+        while True:
+            width, budget, all_done = self._exchange(0, 0, done=True)
+            if all_done:
+                return
+            if width:
+                self._run([self._filler_prompt] * width, 1, budget)
+
+
+class TrainerEngineMixin:
+    """MemTrainer's launcher, gradient-reduction and optimizer glue (mixed into :class:`memtrain.trainer.MemTrainer`).
+
+    It relies on ``trl.GRPOTrainer``'s attributes (``accelerator``, ``args``) and on ``_skip_next_optimizer_step``,
+    which :meth:`memtrain.trainer_loss.TrainerLossMixin.training_step` sets at each gradient accumulation boundary.
+    """
+
+    @staticmethod
+    def check_launcher(args: Any = None, deepspeed_enabled: bool = False) -> None:
+        """Refuse DeepSpeed (ZeRO-1/2/3) before anything loads: its engine steps the optimizer in synced backwards.
+
+        A MemTrainer step runs one backward per micro-batch (hundreds for a long document), so under DeepSpeed one
+        training step would become many optimizer steps on fractions of the rows. FSDP2 shards the same way and
+        lets the trainer take exactly one optimizer step per training step.
+        """
+        launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in {"1", "true", "yes"}
+        if deepspeed_enabled or launched or getattr(args, "deepspeed", None):
+            raise ValueError(
+                "MemTrainer does not run under DeepSpeed (its engine would step the optimizer once per micro-batch "
+                "instead of once per training step); launch with --config_file recipes/accelerate_configs/fsdp.yaml "
+                "(FSDP2) instead."
+            )
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self.check_launcher(self.args, self.is_deepspeed_enabled)  # also a DeepSpeed plugin passed in code
+        state = self.accelerator.state
+        plugin = getattr(state, "fsdp_plugin", None)
+        fsdp = f" (FSDP{getattr(plugin, 'fsdp_version', 1)})" if plugin is not None else ""
+        logger.info(
+            "launch: %d process(es), %s%s on %s", state.num_processes, state.distributed_type.value, fsdp, state.device
+        )
+        # Runs before the model is sharded (Trainer.train prepares it), so fully_shard takes the fp32 reduction.
+        policy = self._fp32_reduce_policy(getattr(self.accelerator.state, "fsdp_plugin", None))
+        if policy is not None:
+            self.accelerator.state.fsdp_plugin.mixed_precision_policy = policy
+
+    @staticmethod
+    def _fp32_reduce_policy(plugin: Any) -> Any:
+        """FSDP2 with bf16/fp16 compute: the same policy with gradients reduced and accumulated in fp32, or None.
+
+        Accelerate's ``mixed_precision: bf16`` gives FSDP2 ``reduce_dtype=bf16``, but it keeps fp32 masters for
+        trainable parameters; a step sums one reduce-scatter per micro-batch (hundreds of them), which bf16 rounds
+        away. fp32 doubles the reduce-scatter traffic of a step, overlapped with the backward; the sharded fp32
+        gradient is kept either way.
+        """
+        if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+            return None
+        policy = plugin.mixed_precision_policy
+        low = (torch.bfloat16, torch.float16)
+        if policy is None or policy.param_dtype not in low or policy.reduce_dtype == torch.float32:
+            return None  # no low-precision compute: gradients already reduce in the parameters' own dtype
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(
+            param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=policy.output_dtype,
+            cast_forward_inputs=policy.cast_forward_inputs,
+        )  # fmt: skip
+
+    _step_has_gradient = False  # some micro-step of the current optimizer step had rows (on some process)
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if not getattr(optimizer, "_memtrain_guarded", False):
+            step = optimizer.step
+
+            def guarded_step(*step_args, **step_kwargs):
+                # A step whose every group was filtered has no gradient; skipping keeps weight decay and Adam's
+                # momentum from moving the weights anyway. The flag is set for exactly this step (training_step,
+                # at the gradient accumulation boundary), so a stale one can never skip a later real update.
+                skip, self._skip_next_optimizer_step = self._skip_next_optimizer_step, False
+                if skip:
+                    return None
+                return step(*step_args, **step_kwargs)
+
+            optimizer.step = guarded_step
+            optimizer._memtrain_guarded = True
+        return optimizer
+
+    def _gather_floats(self, values: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return values
+        return self.accelerator.gather(values.to(self.accelerator.device)).cpu()
