@@ -64,11 +64,11 @@ def count_collective_forwards(trainer: MemTrainer) -> Counter:
     forwards: Counter = Counter()
     row_logps = trainer._row_logps
 
-    def collective_row_logps(model, batch):
+    def collective_row_logps(model, rows):
         dist.all_reduce(torch.ones(1))
         path = "train" if torch.is_grad_enabled() else ("eval" if not trainer.model.training else "old_logps")
         forwards[path] += 1
-        return row_logps(model, batch)
+        return row_logps(model, rows)
 
     trainer._row_logps = collective_row_logps
     return forwards

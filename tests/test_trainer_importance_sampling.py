@@ -15,7 +15,7 @@ from datasets import Dataset
 from trl import GRPOConfig
 
 from memtrain.configs import MemTrainConfig
-from memtrain.grpo import TrainingRow, collate_rows
+from memtrain.grpo import TrainingRow
 from memtrain.preflight import PreflightError, check_grpo_options
 from memtrain.trainer import MemTrainer
 
@@ -95,8 +95,7 @@ def test_the_weight_is_a_constant_in_the_gradient(trainer, tokenizer, mode):
     loss = trainer._micro_batch_loss(trainer.model, rows, "train")
     got = torch.autograd.grad(loss, params, allow_unused=True)
 
-    batch = collate_rows(rows, tokenizer.pad_token_id, trainer.accelerator.device)
-    logps, _ = trainer._row_logps(trainer.model, batch)
+    logps, _ = trainer._row_logps(trainer.model, rows)
     coefficients = torch.zeros_like(logps)
     for i, (a, w, hand) in enumerate(zip(ADVANTAGES, WEIGHTS, HAND[mode])):
         coefficients[i, : len(hand)] = torch.tensor([-a * w * h for h in hand])

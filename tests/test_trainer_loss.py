@@ -66,3 +66,31 @@ def test_rows_scored_after_an_update_get_old_log_probs(tiny_model, tokenizer, do
     aligned = make_trainer(tiny_model, tokenizer, documents, tmp_path, gradient_accumulation_steps=2,
                            steps_per_generation=2)  # fmt: skip
     assert not aligned._needs_old_logps()  # one optimizer step consumes the whole generation
+
+
+def test_rows_sharing_a_prompt_are_encoded_once_with_row_by_row_values(tiny_model, tokenizer, documents, tmp_path):
+    """G rollouts of one document share their first memory update's prompt: the forward holds it once."""
+    generator = TransformersGenerator(tiny_model, tokenizer, SamplingConfig(temperature=1.0, seed=3))
+    trajectories = MemoryAgent(tokenizer, generator, AGENT).rollout(
+        documents["context"][:1], documents["prompt"][:1], n=3
+    )
+    rows = [
+        TrainingRow(c.prompt_ids, c.completion_ids, 1.0, c.kind, i)
+        for i, t in enumerate(trajectories)
+        for c in t.calls
+    ]
+    first = [row for row in rows if row.prompt_ids == rows[0].prompt_ids]
+    assert len(first) == 3  # the three rollouts' first updates
+    trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path, max_tokens_per_microbatch=100_000)
+    seen: list[tuple[int, ...]] = []
+    hook = trainer.model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape),
+                                                   with_kwargs=True)  # fmt: skip
+    shared = trainer.compute_row_logps(rows)
+    trainer.args.share_prompts = False
+    one_by_one = trainer.compute_row_logps(rows)
+    hook.remove()
+    for got, want in zip(shared, one_by_one, strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
+    assert len(seen) == 2  # one micro-batch each
+    assert seen[1][0] == len(rows) and seen[0][0] == len(rows) - 2  # one sequence per distinct prompt
+    assert seen[0].numel() < seen[1].numel()

@@ -18,7 +18,7 @@ from datasets import Dataset
 from memtrain.agent.memory_agent import AgentConfig
 from memtrain.agent.prompts import TARGET_TOKEN
 from memtrain.configs import MemTrainConfig
-from memtrain.grpo import TrainingRow, collate_rows
+from memtrain.grpo import TrainingRow
 from memtrain.trainer import MemTrainer
 
 
@@ -357,8 +357,7 @@ def test_ppo_clip_stops_the_gradient_outside_the_trust_region(scripted):
     """A positive-advantage token whose ratio already exceeds 1 + epsilon_high contributes no gradient."""
     trainer, rows, _ = scripted
     row = next(r for r in rows if r.advantage > 0)
-    batch = collate_rows([row], trainer.processing_class.pad_token_id)
-    logps, _ = trainer._row_logps(trainer.model, batch)
+    logps, _ = trainer._row_logps(trainer.model, [row])
     row = TrainingRow(row.prompt_ids, row.completion_ids, row.advantage, row.kind, row.conversation, weight=1.0)
     # old log-probs 0.5 nats below the current ones: ratio e^0.5 = 1.65 > 1.2 on every token
     row.old_logps = (logps[0, : len(row.completion_ids)].detach() - 0.5).tolist()

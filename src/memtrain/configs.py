@@ -170,7 +170,18 @@ class MemTrainConfig(GRPOConfig, SearchAgentArguments):
     )
     max_tokens_per_microbatch: int = field(
         default=16384,
-        metadata={"help": "Token budget (rows x padded length) of one forward/backward micro-batch."},
+        metadata={
+            "help": "Token budget (sequences x padded length) of one forward/backward micro-batch; with "
+            "share_prompts, a group of rows with one prompt is one sequence holding the prompt once."
+        },
+    )
+    share_prompts: bool = field(
+        default=True,
+        metadata={
+            "help": "Score rows that share their exact prompt (a probe's G2 recall answers, a document's first "
+            "memory updates) in one sequence that encodes the prompt once: same log-probs and gradients, fewer "
+            "tokens. Needs sdpa or eager attention; other implementations score rows one by one (logged)."
+        },
     )
     trajectory_html_steps: int = field(
         default=50, metadata={"help": "Write a trajectory HTML page every N optimizer steps (0: never)."}

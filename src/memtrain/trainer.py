@@ -37,6 +37,7 @@ from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
 from memtrain.agent.recall import (
     EntityFinder,
     EntityMasker,
+    RecallEntities,
     RecallProbe,
     build_recall_probes,
     default_entity_tools,
@@ -138,6 +139,16 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
             self._entity_tools = default_entity_tools()
         return self._entity_tools
 
+    @property
+    def recall_entities(self) -> RecallEntities:
+        """Recall candidates: the rows' stored ``entities`` mapped onto chunks, else tagged in a background thread."""
+        if getattr(self, "_recall_entities", None) is None:
+            config = self.agent_config
+            self._recall_entities = RecallEntities(
+                self.processing_class, config.chunk_size, config.max_chunks, self.entity_tools[0]
+            )
+        return self._recall_entities
+
     def _score_rollouts(self, trajectories: list[Trajectory], batch: list[dict], recall_rewards: list) -> torch.Tensor:
         """(n_rollouts, n_funcs) reward matrix in TRL's convention (None -> NaN)."""
         columns = {key: [row[key] for row in batch] for key in batch[0] if key not in {"prompt", "completion"}}
@@ -194,6 +205,10 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
         # vLLM: one weight sync for all of the batch's agent calls, the engine awake between them, asleep (sleep
         # mode) before the old log-probs and backward passes.
         with VLLMRolloutSession(self):
+            recall_wanted = "memory_recall" in self.args.reward_funcs or self.args.train_recall_answers
+            recall_wanted = recall_wanted and self.args.recall_samples > 0 and self.search_agent is None
+            # found while the engine generates: stored entities mapped onto the chunks, else spaCy in a thread
+            pending = self.recall_entities.start(batch) if recall_wanted else None
             if self.search_agent is not None:
                 trajectories = self.search_agent.rollout(batch, n=1)
             else:
@@ -205,15 +220,15 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
                     sampling=SamplingConfig(max_new_tokens=self.agent_config.max_memory_tokens),
                 )
 
-            recall_wanted = "memory_recall" in self.args.reward_funcs or self.args.train_recall_answers
             probes: list[RecallProbe | None] = [None] * n_local
             candidate_counts: Counter[str] = Counter()
-            if recall_wanted and self.args.recall_samples > 0 and self.search_agent is None:
+            if pending is not None:
                 find_entities, mask_entity = self.entity_tools
                 seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.accelerator.process_index
                 probes = build_recall_probes(
                     trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed,
                     template=[row_document_template(row) for row in batch], counts=candidate_counts,
+                    chunk_entities=pending.result(trajectories),
                 )  # fmt: skip
             recall_scores, recall_output, recall_prompts = self._answer_probes(probes)
             self.generator.synchronize()

@@ -1,4 +1,4 @@
-"""MemTrainer's loss: each training row scored on its own prompt, PPO-clip (+ beta KL) per micro-batch, backward.
+"""MemTrainer's loss: each training row scored on exactly its own prompt, PPO-clip (+ beta KL) per micro-batch, backward.
 
 A step's rows are packed into token-budget micro-batches; every process runs as many forwards as the busiest one
 (zero-weight dummy micro-batches) so FSDP's and DDP's collectives stay in lockstep on every path: backward, old
@@ -21,6 +21,7 @@ from memtrain.grpo import (
     pack_micro_batches,
     vllm_importance_weights,
 )
+from memtrain.shared_prompts import score_rows, shared_prompt_micro_batches
 
 
 class TrainerLossMixin:
@@ -30,27 +31,20 @@ class TrainerLossMixin:
     ``MemTrainer._prepare_inputs`` (rollouts and scoring, :mod:`memtrain.trainer`).
     """
 
-    def _row_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_logps(self, model, rows: list[TrainingRow]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs (at the sampling temperature, as TRL) and entropies of each row's completion.
 
-        Only the last ``C + 1`` positions get logits (``logits_to_keep``); positions come from the attention mask so
-        a left-padded prompt is scored at the positions it was generated at. A plain log-softmax is used instead of
-        TRL's chunked fused head, which is several times slower on CPU; the micro-batch token budget bounds memory.
+        Rows that share their exact prompt are scored in one sequence that encodes the prompt once
+        (:mod:`memtrain.shared_prompts`, ``share_prompts``); the LM head runs only at completion positions, a slice
+        of the vocabulary logits at a time (:mod:`memtrain.logprob_head`). Values equal the row-by-row forward.
         """
-        completion_ids = batch["completion_ids"]
-        input_ids = torch.cat([batch["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        keep = completion_ids.size(1)
+        core = self.accelerator.unwrap_model(model)
+        core = core.get_base_model() if hasattr(core, "get_base_model") else core
         with self.accelerator.autocast():
-            logits = model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep + 1
-            ).logits
-        log_probs = torch.log_softmax(logits[:, :-1, :].float() / self.temperature, dim=-1)
-        logps = log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-        with torch.no_grad():
-            entropies = -(log_probs.exp() * log_probs).sum(-1)
-        return logps, entropies
+            return score_rows(
+                model, core, rows, self.processing_class.pad_token_id, self.temperature, self.accelerator.device,
+                share_prompts=self.args.share_prompts,
+            )  # fmt: skip
 
     def compute_row_logps(self, rows: list[TrainingRow]) -> list[list[float]]:
         """Log-probs of each row's completion tokens given exactly its own prompt (for checks and old log-probs)."""
@@ -59,8 +53,7 @@ class TrainerLossMixin:
         with torch.no_grad():
             for k in range(n_micro):
                 micro = micro_batches[k] if k < len(micro_batches) else self._dummy_rows()  # lockstep forwards
-                batch = collate_rows(micro, self.processing_class.pad_token_id, self.accelerator.device)
-                logps, _ = self._row_logps(self.model, batch)
+                logps, _ = self._row_logps(self.model, micro)
                 if k < len(micro_batches):
                     for i, row in enumerate(micro):
                         by_id[id(row)] = logps[i, : len(row.completion_ids)].float().cpu().tolist()
@@ -70,23 +63,23 @@ class TrainerLossMixin:
         for row, logps in zip(rows, self.compute_row_logps(rows)):
             row.old_logps = logps
 
-    def _ref_logps(self, model, batch: dict) -> torch.Tensor:
+    def _ref_logps(self, model, rows: list[TrainingRow]) -> torch.Tensor:
         from trl.trainer.utils import use_adapter
 
         with torch.no_grad():
             if self.ref_model is not None:
-                return self._row_logps(self.ref_model, batch)[0]
+                return self._row_logps(self.ref_model, rows)[0]
             # PEFT: the reference is the base with the adapter off (or TRL's initial copy named "ref").
             peft_model = self.accelerator.unwrap_model(model)
             with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):
-                return self._row_logps(model, batch)[0]
+                return self._row_logps(model, rows)[0]
 
     def _micro_batch_loss(self, model, rows: list[TrainingRow], mode: str, record: bool = True) -> torch.Tensor:
         """The micro-batch's share of the step loss; ``record`` adds its token sums to the step's logged metrics."""
         batch = collate_rows(rows, self.processing_class.pad_token_id, self.accelerator.device)
-        logps, entropies = self._row_logps(model, batch)
+        logps, entropies = self._row_logps(model, rows)
         old = batch.get("old_per_token_logps", logps.detach())
-        ref = self._ref_logps(model, batch) if self.beta != 0.0 else None
+        ref = self._ref_logps(model, rows) if self.beta != 0.0 else None
         mask = batch["completion_mask"].to(logps.dtype)
         # TRL's vLLM importance sampling: the policy term is reweighted by pi_old / pi_vLLM (clipped or masked).
         is_weights, sampling = None, batch.get("sampling_per_token_logps")
@@ -145,7 +138,8 @@ class TrainerLossMixin:
         rows (backward, old log-probs, evaluation) runs zero-weight dummy micro-batches on the processes with fewer
         rows rather than leaving the others waiting in a collective.
         """
-        micro_batches = pack_micro_batches(rows, self.args.max_tokens_per_microbatch)
+        pack = shared_prompt_micro_batches if self.args.share_prompts else pack_micro_batches
+        micro_batches = pack(rows, self.args.max_tokens_per_microbatch)
         if self.accelerator.num_processes == 1:
             return micro_batches, len(micro_batches)
         return micro_batches, int(self._gather_floats(torch.tensor([float(len(micro_batches))])).max())
