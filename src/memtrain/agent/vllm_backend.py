@@ -136,19 +136,21 @@ class VLLMGenerator:
             from vllm import LLM
 
             from memtrain.models import servable_checkpoint
+            from memtrain.vllm_kernel_scan import modules_hidden_from_kernel_scan
 
             if _engine_accepts("logprobs_mode"):  # vLLM >= 0.10.2; the Generator contract: unmodified model
                 llm_kwargs.setdefault("logprobs_mode", "raw_logprobs")
-            llm = LLM(
-                model=servable_checkpoint(model),
-                gpu_memory_utilization=gpu_memory_utilization,
-                tensor_parallel_size=tensor_parallel_size,
-                max_model_len=max_model_len,
-                dtype=dtype,
-                seed=seed,
-                enable_sleep_mode=enable_sleep_mode,
-                **llm_kwargs,
-            )
+            with modules_hidden_from_kernel_scan():
+                llm = LLM(
+                    model=servable_checkpoint(model),
+                    gpu_memory_utilization=gpu_memory_utilization,
+                    tensor_parallel_size=tensor_parallel_size,
+                    max_model_len=max_model_len,
+                    dtype=dtype,
+                    seed=seed,
+                    enable_sleep_mode=enable_sleep_mode,
+                    **llm_kwargs,
+                )
         self.llm = llm
 
     def generate(
