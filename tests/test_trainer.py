@@ -28,7 +28,7 @@ def entity_tools():
     return default_entity_tools()
 
 
-def make_trainer(model, tokenizer, dataset, tmp_path: Path, funcs=None, **overrides) -> MemTrainer:
+def make_trainer(model, tokenizer, dataset, tmp_path: Path, funcs=None, peft_config=None, **overrides) -> MemTrainer:
     settings = dict(
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=2,
@@ -61,6 +61,7 @@ def make_trainer(model, tokenizer, dataset, tmp_path: Path, funcs=None, **overri
         processing_class=tokenizer,
         entity_tools=entity_tools(),
         reward_funcs=funcs or [answer_length_reward, REWARD_FUNCS["memory_recall"]],
+        peft_config=peft_config,
     )
 
 
@@ -149,3 +150,21 @@ def test_search_agent_rollouts_train_one_row_per_turn(tiny_model, tokenizer, tmp
     # every rollout makes 1..3 calls (2 turns + a forced answer), each its own row
     assert 2 <= log["rows_trained"] <= 2 * 2 * 3
     assert any(not torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_the_training_forward_has_no_lora_dropout(tiny_model, tokenizer, documents, tmp_path):
+    """Rows are the sampler's own tokens, scored against log-probs taken without dropout (old log-probs, vLLM's for
+    importance sampling): a recipe's lora_dropout must not noise the training forward (issue 22)."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5)
+    trainer = make_trainer(tiny_model, tokenizer, documents, tmp_path, peft_config=lora)
+    model = trainer.model
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # zero at init, where dropout on the adapter's input would change nothing
+                parameter.normal_(std=1.0)
+    model.train()
+    ids = torch.tensor([tokenizer("The memory agent reads a long text chunk by chunk.")["input_ids"]])
+    first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second)

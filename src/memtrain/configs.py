@@ -107,6 +107,14 @@ class MemTrainConfig(GRPOConfig, SearchAgentArguments):
     )
     warmup_steps: float = field(default=20, metadata={"help": "Linear warm-up steps; paper 20."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay; paper 0.01."})
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Dropout off in the policy, LoRA's lora_dropout included (TRL's default: on). Every row is the "
+            "sampler's own tokens, scored against old log-probs and vLLM's sampling log-probs (importance "
+            "sampling) that came from the model without dropout; a noised training forward would bias the ratio."
+        },
+    )
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["masked_entity_em", "memory_recall"],
