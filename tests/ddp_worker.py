@@ -8,7 +8,8 @@ of passing by luck under DDP, whose forwards need no collective. Each process wr
 <out>/rank<i>.json.
 
 Modes: ``train`` (2 steps, log_completions on), ``iterations`` (num_iterations 2), ``generation``
-(steps_per_generation 2) and ``eval`` (an evaluation after the step).
+(steps_per_generation 2), ``eval`` (an evaluation after the step) and ``vllm`` (a real colocated vLLM CPU engine per
+process, tensor-parallel size 1: run from tests/vllm_real only).
 """
 
 import importlib.util
@@ -51,6 +52,8 @@ MODES = {
     # a generation batch is 2 steps' rollouts: 4 documents, ranks 0 and 1 get two each (contiguous slices)
     "generation": ([1, 1, 6, 6], {"steps_per_generation": 2, "max_tokens_per_microbatch": 1}),
     "eval": ([1, 6], {"max_steps": 1, "eval_strategy": "steps", "eval_steps": 1, "per_device_eval_batch_size": 2,
+                      "max_tokens_per_microbatch": 1}),
+    "vllm": ([1, 6], {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024,
                       "max_tokens_per_microbatch": 1}),
 }  # fmt: skip
 
@@ -102,6 +105,18 @@ def record_gradient_syncs(trainer: MemTrainer) -> list[bool]:
     return syncs
 
 
+def serve_from_checkpoint(model, tokenizer, folder: Path) -> str:
+    """The model saved for vLLM to load (head size 32, as vLLM's CPU attention needs), served in float32 like the
+    CPU trainer (TRL passes no dtype and vLLM would downcast to bf16; see vllm_real/cpu_shims.serve_float32)."""
+    import trl.generation.vllm_generation as trl_vllm
+
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    engine = trl_vllm.LLM
+    trl_vllm.LLM = lambda *args, **kwargs: engine(*args, **{**kwargs, "dtype": "float32"})
+    return str(folder)
+
+
 def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     sizes, overrides = MODES[mode]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -121,8 +136,11 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     )  # fmt: skip
     settings.update(overrides)
     agent = AgentConfig(chunk_size=32, max_chunks=6, max_memory_tokens=8, max_answer_tokens=6)
+    model = build_tiny_model(tokenizer)
+    if settings.get("use_vllm"):
+        model = serve_from_checkpoint(build_tiny_model(tokenizer, hidden_size=128), tokenizer, Path(out) / "tiny")
     trainer = MemTrainer(
-        model=build_tiny_model(tokenizer), args=MemTrainConfig(**settings), agent_config=agent,
+        model=model, args=MemTrainConfig(**settings), agent_config=agent,
         train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows) if mode == "eval" else None,
         processing_class=tokenizer, reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
     )  # fmt: skip

@@ -1,7 +1,7 @@
 """MemTrainer's engine glue: how it drives TRL's generation, refuses launchers, reduces gradients, steps the optimizer.
 
 - :class:`TrainerGenerator`: the agents' ``Generator`` over TRL's own generation path (transformers ``generate`` or
-  vLLM), with every process joining each generation round.
+  vLLM), with every process joining each generation round where a call is a collective.
 - :class:`TrainerEngineMixin`: the launcher check (no DeepSpeed), FSDP2's fp32 gradient reduction, the optimizer
   guard that skips a step with no gradient, and the one collective that gathers floats from every process.
 """
@@ -68,6 +68,24 @@ class TrainerGenerator:
         return int(everyone[:, 0].max()), int(everyone[:, 1].max()), bool(everyone[:, 2].min())
 
     @property
+    def collective(self) -> bool:
+        """Whether a generation call is a collective across processes, so that every process must join each round.
+
+        Yes for transformers ``generate`` on several processes (FSDP gathers parameters in every forward), for vLLM
+        in server mode (TRL gathers every process's prompts to the main one and slices the completions back by equal
+        widths) and for a colocated engine split over a tensor-parallel group. No for a colocated engine per process
+        (tensor-parallel size 1, every vLLM recipe's setting): each process generates its own prompts alone, so none
+        waits for another's rounds or decodes filler prompts.
+        """
+        trainer = self.trainer
+        if trainer.accelerator.num_processes == 1:
+            return False
+        if not trainer.use_vllm:
+            return True
+        vllm = trainer.vllm_generation
+        return vllm.mode != "colocate" or int(getattr(vllm, "tensor_parallel_size", 1)) > 1
+
+    @property
     def _filler_prompt(self) -> list[int]:
         tokenizer = self.trainer.processing_class
         return [tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id]
@@ -78,7 +96,7 @@ class TrainerGenerator:
         self.calls += 1
         expanded = [list(ids) for ids in prompt_ids for _ in range(n)]
         max_new_tokens = sampling.max_new_tokens if sampling is not None else self.trainer.max_completion_length
-        if self.trainer.accelerator.num_processes == 1:
+        if not self.collective:
             completion_ids, logprobs = self._run(expanded, n, max_new_tokens) if expanded else ([], [])
         else:
             # Generation is collective across processes (FSDP/ZeRO-3 parameter gathering, vLLM server and tensor
@@ -95,7 +113,7 @@ class TrainerGenerator:
 
     def synchronize(self) -> None:
         """Join the other processes' remaining generation rounds until every process has finished its rollouts."""
-        if self.trainer.accelerator.num_processes == 1:
+        if not self.collective:
             return
         while True:
             width, budget, all_done = self._exchange(0, 0, done=True)

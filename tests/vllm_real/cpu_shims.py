@@ -42,10 +42,10 @@ def serve_float32(monkeypatch: pytest.MonkeyPatch) -> None:
 def build_documents_in_subprocess(folder: Path, num_documents: int, corpus_limit: int, seed: int) -> Path:
     """Real MemTrain documents (BM25 neighbours), built in a child interpreter.
 
-    bm25s imports numba, and once llvmlite is imported vLLM 0.31's CPU engine fails to start (its Triton-kernel
-    fallback scan, ``vllm.triton_utils.dispatcher._rebind_kernels``, calls ``vars(obj).get`` on llvmlite's ffi
-    ``lib``, whose ``__dict__`` is a ctypes wrapper: ``AttributeError: '_lib_fn_wrapper' object has no attribute
-    'get'``). So the documents are built where numba cannot reach the engine's process.
+    bm25s imports numba, whose llvmlite once kept vLLM 0.31's CPU engine from starting in the same process (its
+    Triton-kernel scan fails on llvmlite's ffi ``lib``); memtrain.vllm_kernel_scan now hides such modules while an
+    engine starts, and test_vllm_generator.py starts one after importing bm25s. The child keeps the engine tests'
+    own process lean (no corpus index, no spaCy pipelines) all the same.
     """
     import subprocess
 

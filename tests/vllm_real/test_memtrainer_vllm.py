@@ -91,3 +91,18 @@ def test_two_steps_one_sync_each_and_importance_sampling_logged(trl_colocate_on_
         # vLLM sampled from the weights being trained (fp32 both sides): log-probs agree, the IS ratio is 1.
         difference = entry["sampling/sampling_logp_difference/mean"]
         assert abs(ratio - 1.0) < 1e-3 and difference < 1e-3, (entry["step"], ratio, difference)
+
+
+def test_colocated_engines_generate_alone_across_processes(smollm2_tokenizer_dir, tmp_path):
+    """2 processes (torchrun, gloo), a colocated engine each at tensor-parallel size 1 (every vLLM recipe's setting):
+    a generation call is no collective, so each process generates only its own prompts, as often as its own
+    documents need: no rounds padded with filler prompts decoding to the budget, no process waiting for another.
+    The scoring forwards stay in lockstep and the weights equal (issue 22)."""
+    from test_trainer_distributed import run_workers
+
+    first, second = run_workers(smollm2_tokenizer_dir, tmp_path, "vllm", timeout=900)
+    assert first["global_step"] == second["global_step"] == 2
+    # rank 0 reads 1-paragraph documents, rank 1 6-paragraph ones: fewer agent steps, so fewer calls on rank 0
+    assert len(first["rounds"]) < len(second["rounds"])
+    assert first["forwards"] == second["forwards"]
+    assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-6)
