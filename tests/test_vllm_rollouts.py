@@ -183,8 +183,16 @@ def engine(monkeypatch):
         monkeypatch.setenv(key, "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MASTER_ADDR", "localhost")
-    monkeypatch.setenv("MASTER_PORT", "29517")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # a fixed port collides with a concurrent test run
     return RecordingLLM
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
 
 
 def make_trainer(checkpoint: Path, tmp_path: Path, **overrides) -> MemTrainer:
