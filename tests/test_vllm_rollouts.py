@@ -88,6 +88,7 @@ class RecordingLLM:
             model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))
         )
         self.generator = torch.Generator().manual_seed(0)
+        self.lora_requests: list = []
         RecordingLLM.instances.append(self)
 
     def sleep(self, level: int = 1) -> None:
@@ -131,10 +132,11 @@ class RecordingLLM:
                 step = torch.tensor([[token]])
         return ids, logps
 
-    def generate(self, prompts, sampling_params=None, use_tqdm=False):
+    def generate(self, prompts, sampling_params=None, use_tqdm=False, lora_request=None):
         if not (self.weights_awake and self.kv_awake) or self.stale:
             raise RuntimeError("generate on a sleeping engine or with discarded weights")
         self.events.append(("generate", len(prompts)))
+        self.lora_requests.append(lora_request)  # recorded only: this engine serves no adapter
         outputs = []
         for prompt in prompts:
             token_ids, logps = self.sample(prompt["prompt_token_ids"], sampling_params)
@@ -351,6 +353,47 @@ def test_peft_policy_is_synced_merged_out_of_place(engine, tiny_checkpoint, tmp_
     want = layer.base_layer.weight + delta
     torch.testing.assert_close(served["model.layers.0.self_attn.q_proj.weight"], want)
     assert not torch.allclose(want, layer.base_layer.weight)
+
+
+def test_adapter_only_sync_sleeps_at_level_1_and_never_pushes_the_base(engine, tiny_checkpoint, tmp_path):
+    """vllm_lora_sync: the engine is built with LoRA enabled for the adapter's rank; every sleep keeps the weights
+    (level 1), so a step wakes them and publishes the adapter without one load_weights, and every call of the step
+    generates through that step's adapter."""
+    pytest.importorskip("vllm")  # the adapter is named in vLLM's own LoRARequest
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoint),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer = make_trainer(tiny_checkpoint, tmp_path, model=model, vllm_lora_sync=True)
+    llm = engine.instances[-1]
+    assert {k: llm.kwargs[k] for k in ("enable_lora", "max_lora_rank", "max_loras")} == {
+        "enable_lora": True, "max_lora_rank": 8, "max_loras": 1}  # fmt: skip
+    assert llm.events == [("sleep", 1)]  # TRL's level-2 sleep after construction kept the weights
+    record_backward(trainer, llm.events)
+    trainer.train()
+
+    phases = steps(llm.events[1:])
+    assert len(phases) == 2
+    for phase in phases:
+        kinds = [e[0] for e in phase]
+        assert "load_weights" not in kinds
+        assert phase[:2] == [("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]
+        generates = kinds.count("generate")
+        assert kinds[2 : 2 + generates] == ["generate"] * generates and phase[2 + generates] == ("sleep", 1)
+    ids = [request.lora_int_id for request in llm.lora_requests]
+    assert ids == sorted(ids) and set(ids) == {1, 2}  # step 1's calls through adapter 1, step 2's through 2
+    logged = [e["vllm/sync_bytes"] for e in trainer.state.log_history if "vllm/sync_bytes" in e]
+    adapter_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)
+    assert logged == [float(adapter_bytes)] * 2
+    # another rollout batch of the same optimizer step (evaluation, accumulation): the slept weights are only woken
+    syncs = sync_counter(trainer.vllm_generation).count
+    trainer._last_loaded_step = trainer.state.global_step  # this step's adapter is already published
+    with VLLMRolloutSession(trainer):
+        assert llm.events[-2:] == [("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]
+    assert sync_counter(trainer.vllm_generation).count == syncs and llm.events[-1] == ("sleep", 1)
 
 
 def test_4bit_policy_gets_a_dense_engine_in_the_compute_dtype(engine, tiny_checkpoint):

@@ -191,6 +191,22 @@ class MemTrainConfig(GRPOConfig, SearchAgentArguments):
             "tokens. Needs sdpa or eager attention; other implementations score rows one by one (logged)."
         },
     )
+    vllm_lora_sync: bool = field(
+        default=False,
+        metadata={
+            "help": "LoRA/QLoRA with colocated vLLM: the engine loads the base once with LoRA enabled and each optimizer "
+            "step writes only the adapter (a RAM-backed folder) for it to serve; the base is never pushed again and "
+            "sleep keeps it (level 1). For cards without room for a dense bf16 copy; vLLM serves a LoRA at ~1.35x "
+            "the time per token of merged weights. Off: the merged weights are pushed every step."
+        },
+    )
+    vllm_quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "With vllm_lora_sync: `fp8` serves the base quantized online to FP8 (GPUs with FP8: Ada, Hopper; "
+            "half the bytes of bf16). None: the compute dtype."
+        },
+    )
     trajectory_html_steps: int = field(
         default=50, metadata={"help": "Write a trajectory HTML page every N optimizer steps (0: never)."}
     )

@@ -38,6 +38,7 @@ __all__ = [
     "check_training_rows",
     "check_dataset_size",
     "check_grpo_options",
+    "check_vllm_lora_sync",
     "check_utf8_file",
     "not_utf8",
     "read_utf8_text",
@@ -479,3 +480,38 @@ def check_grpo_options(args: Any) -> None:
             problems.append(f"{name}={value!r} is not supported by MemTrainer: {fix}")
     if problems:
         raise PreflightError("; ".join(problems) + ".")
+
+
+VLLM_QUANTIZATIONS = ("fp8",)
+
+
+def check_vllm_lora_sync(args: Any, peft: bool | None) -> None:
+    """Refuse ``vllm_lora_sync`` / ``vllm_quantization`` settings that cannot run, before the model loads.
+
+    ``peft``: whether the policy gets a LoRA adapter (``use_peft``, or a ``peft_config`` passed in code); None when
+    not known yet (a published adapter may be the model), which skips that check.
+    """
+    lora_sync = bool(getattr(args, "vllm_lora_sync", False))
+    quantization = getattr(args, "vllm_quantization", None)
+    if quantization is not None and quantization not in VLLM_QUANTIZATIONS:
+        raise PreflightError(
+            f"vllm_quantization={quantization!r} is not supported: use fp8, or remove it (the compute dtype)."
+        )
+    if not lora_sync:
+        if quantization is not None:
+            raise PreflightError(
+                f"vllm_quantization={quantization!r} needs vllm_lora_sync: true (merged weights are pushed in the "
+                "compute dtype into a dense engine); set vllm_lora_sync: true, or remove vllm_quantization."
+            )
+        return
+    if not getattr(args, "use_vllm", False):
+        raise PreflightError("vllm_lora_sync is set but use_vllm is false; set use_vllm: true, or remove it.")
+    if peft is False:
+        raise PreflightError(
+            "vllm_lora_sync syncs a LoRA adapter but the policy has none: set use_peft: true, or vllm_lora_sync: false."
+        )
+    if getattr(args, "vllm_mode", "colocate") != "colocate":
+        raise PreflightError(
+            "vllm_lora_sync needs vllm_mode: colocate: TRL 1.16's `trl vllm-serve` has no endpoint that loads a LoRA "
+            "adapter; use colocate, or vllm_lora_sync: false in server mode (merged weights)."
+        )

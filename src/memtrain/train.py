@@ -30,6 +30,7 @@ from memtrain.preflight import (
     check_training_rows,
     check_training_values,
     check_utf8_file,
+    check_vllm_lora_sync,
     claim_output_dir,
     clear_previous_run,
     complete_checkpoints,
@@ -210,6 +211,8 @@ def _train(
     check_training_values(vars(training_args))
     check_reward_names(training_args.reward_funcs)
     check_grpo_options(training_args)  # options MemTrainer would ignore, before the dataset and model load
+    # use_peft false may still load a published adapter as the model: MemTrainer checks again once it is loaded
+    check_vllm_lora_sync(training_args, peft=True if model_args.use_peft else None)
     if training_args.use_vllm:
         from memtrain.vllm_rollouts import check_vllm_version
 

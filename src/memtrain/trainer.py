@@ -53,7 +53,7 @@ from memtrain.grpo import (
     sampling_logps_of,
 )
 from memtrain.models import upcast_trainable_params
-from memtrain.preflight import check_grpo_options
+from memtrain.preflight import check_grpo_options, check_vllm_lora_sync
 from memtrain.retrieval import build_retriever
 from memtrain.rewards import get_reward_funcs, recall_score
 from memtrain.trainer_engine import TrainerEngineMixin, TrainerGenerator
@@ -101,10 +101,12 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
         # GRPOConfig options MemTrainer's loss or rollouts would silently ignore, and a vLLM TRL cannot drive, are
         # refused before the model loads.
         check_grpo_options(args)
+        check_vllm_lora_sync(args, peft=peft_config is not None or hasattr(model, "peft_config"))
         if args.use_vllm:
             check_vllm_version()
         reward_funcs = reward_funcs if reward_funcs is not None else get_reward_funcs(args.reward_funcs)
-        with memtrain_vllm_generation():  # QLoRA-safe sync and a dense engine for a 4-bit policy
+        # QLoRA-safe sync, a dense engine for a 4-bit policy, adapter-only sync with vllm_lora_sync
+        with memtrain_vllm_generation(args.vllm_lora_sync, args.vllm_quantization):
             super().__init__(
                 model=model,
                 reward_funcs=reward_funcs,

@@ -37,13 +37,17 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memtrain.preflight import PreflightError
 from memtrain.vllm_kernel_scan import modules_hidden_from_kernel_scan
 from memtrain.vllm_version import installed_vllm_version, is_vllm_cpu_platform
+
+
+if TYPE_CHECKING:
+    from memtrain.vllm_lora_sync import AdapterPublisher
 
 
 __all__ = [
@@ -133,7 +137,8 @@ class VLLMRolloutSession:
     ``with VLLMRolloutSession(trainer):`` where ``trainer`` is a TRL GRPOTrainer (``use_vllm``, ``vllm_generation``,
     ``_last_loaded_step``, ``state.global_step``, ``_metrics``). Without vLLM it does nothing. On exit it appends the
     syncs and sync seconds of the session to ``trainer._metrics[mode]["vllm/weight_syncs"]`` / ``["vllm/sync_seconds"]``
-    (``mode`` is ``train`` or ``eval`` from the model's training flag) and keeps them in ``syncs`` / ``sync_seconds``.
+    (``mode`` is ``train`` or ``eval`` from the model's training flag), and the bytes pushed to ``vllm/sync_bytes``;
+    it keeps them in ``syncs`` / ``sync_seconds`` / ``sync_bytes``.
     """
 
     def __init__(self, trainer: Any):
@@ -141,6 +146,8 @@ class VLLMRolloutSession:
         self.vllm = getattr(trainer, "vllm_generation", None) if getattr(trainer, "use_vllm", False) else None
         self.syncs = 0
         self.sync_seconds = 0.0
+        self.sync_bytes = 0
+        self._bytes_start = 0
         self._sleeps = False  # colocate + sleep mode: this session woke the engine and must put it to sleep
         self._start: tuple[int, float] = (0, 0.0)
 
@@ -153,10 +160,16 @@ class VLLMRolloutSession:
         self._start = (counter.count, counter.seconds)
         step = trainer.state.global_step
         self._sleeps = vllm.mode == "colocate" and bool(vllm.enable_sleep_mode)
-        # Sleep level 2 discarded the weights: they must be pushed again even within the same optimizer step.
-        discarded = self._sleeps and bool(getattr(vllm, "_llm_weights_sleeping", False))
-        if discarded or step != getattr(trainer, "_last_loaded_step", None):
+        self._bytes_start = int(getattr(vllm, "synced_bytes", 0))
+        sleeping = self._sleeps and bool(getattr(vllm, "_llm_weights_sleeping", False))
+        # Sleep level 2 discarded the weights: they must be pushed again even within the same optimizer step. With
+        # adapter-only sync the engine slept at level 1 and kept them: waking is enough.
+        keeps_weights = bool(getattr(vllm, "lora_sync", False))
+        if (sleeping and not keeps_weights) or step != getattr(trainer, "_last_loaded_step", None):
             vllm.sync_weights()  # wakes the weights first in sleep mode (TRL)
+        elif sleeping:
+            vllm.llm.wake_up(tags=["weights"])
+            vllm._llm_weights_sleeping = False
         trainer._last_loaded_step = step
         if self._sleeps:
             vllm.llm.wake_up(tags=["kv_cache"])
@@ -170,17 +183,19 @@ class VLLMRolloutSession:
             return
         if self._sleeps:
             vllm.enable_sleep_mode = True
-            vllm.llm.sleep(level=2)
+            vllm.llm.sleep(level=1 if getattr(vllm, "lora_sync", False) else 2)
             vllm._llm_weights_sleeping = True
         counter = sync_counter(vllm)
         self.syncs = counter.count - self._start[0]
         self.sync_seconds = counter.seconds - self._start[1]
+        self.sync_bytes = int(getattr(vllm, "synced_bytes", 0)) - self._bytes_start
         metrics = getattr(self.trainer, "_metrics", None)
         if metrics is not None:
             model = getattr(self.trainer, "model", None)
             mode = "train" if model is None or model.training else "eval"
             metrics[mode]["vllm/weight_syncs"].append(float(self.syncs))
             metrics[mode]["vllm/sync_seconds"].append(self.sync_seconds)
+            metrics[mode]["vllm/sync_bytes"].append(float(self.sync_bytes))
 
 
 # ---------------------------------------------------------------------------------------------- engine + weights
@@ -242,17 +257,38 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
       all-gather (:func:`memtrain.weight_sync.iter_fsdp2_weights`): half the bytes per sync for a bf16 engine.
     - ``_init_vllm``: for a 4-bit policy in colocate mode the engine loads ``model.name_or_path`` unquantized in
       :func:`served_dtype` (``quantization=None, dtype=...``) instead of TRL's in-flight bitsandbytes quantization.
+    - ``lora_sync`` (``vllm_lora_sync``): the engine loads the base once with LoRA enabled (FP8 with
+      ``quantization="fp8"``), each sync writes only the adapter (:mod:`memtrain.vllm_lora_sync`) and every
+      ``generate`` runs through it; sleep keeps the weights (level 1).
+    - ``synced_bytes``: the bytes pushed so far, merged weights or adapter (``vllm/sync_bytes``).
     """
+
+    lora_sync = False  # vllm_lora_sync: serve the base once with LoRA enabled, sync only the adapter
+    quantization: str | None = None  # vllm_quantization of the served base (lora_sync only): "fp8" or None
+    synced_bytes = 0  # bytes of weights pushed to the engine so far (vllm/sync_bytes)
+    _adapters: AdapterPublisher | None = None
+    _lora_request: Any = None  # the adapter of the last sync, passed to every generate call (lora_sync)
 
     def _init_vllm(self) -> None:
         self._served_dtype = served_dtype(self.model) if has_4bit_layers(self.model) else None
-        if self._served_dtype is not None and self._dist.is_fsdp:
+        if self._served_dtype is not None and self._dist.is_fsdp and not self.lora_sync:
             raise PreflightError(
                 "vLLM weight sync of a 4-bit (QLoRA) policy under FSDP is not supported: the 4-bit base cannot be "
                 "gathered and merged out of place. Train QLoRA on one GPU or with DDP (no fsdp in the accelerate "
                 "config), or drop load_in_4bit."
             )
-        if self.mode != "colocate" or self._served_dtype is None:
+        engine_kwargs: dict[str, Any] = {}
+        if self.mode == "colocate" and self._served_dtype is not None:
+            # TRL would quantize in flight with bitsandbytes; the engine serves the base checkpoint dense instead
+            engine_kwargs.update(quantization=None, dtype=str(self._served_dtype).removeprefix("torch."))
+        if self.lora_sync:
+            self._check_lora_sync()
+            from memtrain.vllm_lora_sync import AdapterPublisher, adapter_rank, served_lora_rank
+
+            rank = served_lora_rank(adapter_rank(self.model))
+            engine_kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1, quantization=self.quantization)
+            self._adapters = AdapterPublisher()
+        if not engine_kwargs:
             with modules_hidden_from_kernel_scan():
                 super()._init_vllm()
             self._sync_dtype = self._engine_dtype()
@@ -260,19 +296,58 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
         import trl.generation.vllm_generation as vllm_generation
 
         engine = vllm_generation.LLM
-        dtype = str(self._served_dtype).removeprefix("torch.")
 
-        def dense_engine(*args, **kwargs):
-            kwargs.update(quantization=None, dtype=dtype)
-            return engine(*args, **kwargs)
+        def configured_engine(*args, **kwargs):
+            llm = engine(*args, **{**kwargs, **engine_kwargs})
+            if self.lora_sync:
+                self._serve_adapter(llm)
+            return llm
 
-        vllm_generation.LLM = dense_engine
+        vllm_generation.LLM = configured_engine
         try:
             with modules_hidden_from_kernel_scan():
                 super()._init_vllm()
         finally:
             vllm_generation.LLM = engine
         self._sync_dtype = self._engine_dtype()
+
+    def _check_lora_sync(self) -> None:
+        from accelerate.utils import is_peft_model
+
+        if not is_peft_model(self.model):
+            raise PreflightError(
+                "vllm_lora_sync syncs a LoRA adapter but the policy has none: set use_peft: true, or "
+                "vllm_lora_sync: false."
+            )
+        if self.mode != "colocate":
+            raise PreflightError(
+                "vllm_lora_sync needs vllm_mode: colocate: TRL 1.16's `trl vllm-serve` has no endpoint that loads a "
+                "LoRA adapter; use colocate, or vllm_lora_sync: false in server mode (merged weights)."
+            )
+        if self._dist.is_fsdp:
+            raise PreflightError(
+                "vllm_lora_sync is not supported under FSDP (the adapter is sharded across processes); train LoRA on "
+                "one GPU or with DDP (no fsdp in the accelerate config), or set vllm_lora_sync: false."
+            )
+
+    def _serve_adapter(self, llm: Any) -> None:
+        """Every ``generate`` of this engine runs through the last synced adapter, and every sleep keeps the weights.
+
+        TRL puts the engine to sleep at level 2 (weights discarded, then re-pushed from the trainer); with the base
+        never pushed again it must survive, so level 1 (weights offloaded to CPU memory, KV cache freed) is used.
+        """
+        generate, sleep = llm.generate, llm.sleep
+
+        def generate_with_adapter(*args, **kwargs):
+            if self._lora_request is not None and kwargs.get("lora_request") is None:
+                kwargs["lora_request"] = self._lora_request
+            return generate(*args, **kwargs)
+
+        def sleep_keeping_weights(level: int = 1, **kwargs):
+            return sleep(level=1, **kwargs)
+
+        llm.generate = generate_with_adapter
+        llm.sleep = sleep_keeping_weights
 
     def _engine_dtype(self) -> torch.dtype | None:
         """The dtype the colocated engine holds its weights in; None in server mode (the server's is not known here,
@@ -290,14 +365,32 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
         yield from iter_fsdp2_weights(module, self._sync_dtype, self.accelerator.device)
 
     def sync_weights(self) -> None:
+        if self.lora_sync:
+            self._sync_adapter()
         # vLLM's CPU backend packs each linear weight into a kernel handle after loading and leaves an empty parameter
         # without a weight_loader, so TRL's per-tensor load_weights fails there: reload layer-wise instead.
-        if self.mode == "colocate" and _is_vllm_engine(self.llm) and is_vllm_cpu_platform():
+        elif self.mode == "colocate" and _is_vllm_engine(self.llm) and is_vllm_cpu_platform():
             _reload_layerwise(self.llm, super().sync_weights)
         else:
             super().sync_weights()
 
+    def _sync_adapter(self) -> None:
+        """Publish the adapter for the next calls; the engine's base stays as loaded (woken if it slept)."""
+        if self.enable_sleep_mode:
+            self.llm.wake_up(tags=["weights"])
+            self._llm_weights_sleeping = False
+        self._lora_request = self._adapters.publish(self.model, self._sync_dtype)
+        self.synced_bytes += self._adapters.last_bytes
+
     def _iter_named_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # TRL's first server-mode sync walks the weights once for their metadata only: not counted as pushed.
+        counted = not (self.mode == "server" and getattr(self, "_weight_metadata", None) is None)
+        for name, tensor in self._iter_weights():
+            if counted:
+                self.synced_bytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+    def _iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         from accelerate.utils import is_peft_model
 
         model = self.model
@@ -312,12 +405,19 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
 
 
 @contextlib.contextmanager
-def memtrain_vllm_generation() -> Iterator[None]:
-    """While the trainer is built, TRL's GRPOTrainer constructs :class:`MemTrainVLLMGeneration` instead of its own."""
+def memtrain_vllm_generation(lora_sync: bool = False, quantization: str | None = None) -> Iterator[None]:
+    """While the trainer is built, TRL's GRPOTrainer constructs :class:`MemTrainVLLMGeneration` instead of its own,
+    with the recipe's ``vllm_lora_sync`` and ``vllm_quantization``."""
     import trl.trainer.grpo_trainer as grpo_trainer
 
+    def build(*args, **kwargs) -> MemTrainVLLMGeneration:
+        generation = MemTrainVLLMGeneration.__new__(MemTrainVLLMGeneration)
+        generation.lora_sync, generation.quantization = lora_sync, quantization
+        generation.__init__(*args, **kwargs)
+        return generation
+
     original = grpo_trainer.VLLMGeneration
-    grpo_trainer.VLLMGeneration = MemTrainVLLMGeneration
+    grpo_trainer.VLLMGeneration = build
     try:
         yield
     finally:

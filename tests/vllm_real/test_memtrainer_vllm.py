@@ -93,6 +93,64 @@ def test_two_steps_one_sync_each_and_importance_sampling_logged(trl_colocate_on_
         assert abs(ratio - 1.0) < 1e-3 and difference < 1e-3, (entry["step"], ratio, difference)
 
 
+def test_adapter_only_sync_moves_the_adapter_and_never_the_base(trl_colocate_on_cpu, documents, tmp_path):
+    """vllm_lora_sync (issue 22): the engine loads the base once with LoRA enabled; each of 2 optimizer steps writes
+    only the adapter (its exact byte count crosses, nothing else), the base's load_weights is never called again, and
+    the engine samples from the policy being trained (fp32: vLLM's sampling log-probs equal the trainer's)."""
+    from peft import LoraConfig
+
+    from memtrain.agent.memory_agent import AgentConfig
+    from memtrain.agent.recall import default_entity_tools
+    from memtrain.configs import MemTrainConfig
+    from memtrain.rewards import REWARD_FUNCS
+    from memtrain.trainer import MemTrainer
+    from memtrain.vllm_rollouts import sync_counter
+
+    checkpoint = save_tiny_llama(tmp_path / "tiny")
+    args = MemTrainConfig(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_generations=2, recall_samples=2,
+        max_steps=2, learning_rate=5e-2, warmup_steps=0, beta=0.0, scale_rewards="none", logging_steps=1,
+        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, lenient_recall=True,
+        reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
+        use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=1024,
+        vllm_importance_sampling_correction=True, vllm_lora_sync=True,
+    )  # fmt: skip
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )  # fmt: skip
+    trainer = MemTrainer(
+        model=str(checkpoint), args=args, agent_config=AgentConfig(**AGENT), train_dataset=documents,
+        entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
+        peft_config=lora,
+    )  # fmt: skip
+    generation = trainer.vllm_generation
+    worker = generation.llm.llm_engine.model_executor.driver_worker.worker
+    served = worker.model_runner.get_model()
+    base_loads = []
+    load_weights = served.load_weights
+    served.load_weights = lambda weights: base_loads.append(1) or load_weights(weights)
+    requests = []
+    publish = generation._adapters.publish
+    generation._adapters.publish = lambda *a, **k: requests.append(publish(*a, **k)) or requests[-1]
+    adapter = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    adapter_bytes = sum(t.numel() * 4 for t in adapter.values())  # fp32 engine: the adapter crosses in fp32
+    counter = sync_counter(generation)
+    trainer.train()
+
+    assert counter.count == 2 and base_loads == []  # two adapter syncs; the base never pushed again
+    assert [r.lora_int_id for r in requests] == [1, 2] and len({r.lora_path for r in requests}) == 2
+    assert generation._lora_request is requests[-1]
+    logs = [entry for entry in trainer.state.log_history if "vllm/sync_bytes" in entry]
+    assert [entry["vllm/sync_bytes"] for entry in logs] == [float(adapter_bytes)] * 2
+    moved = [n for n, p in trainer.model.named_parameters() if n in adapter and not p.detach().equal(adapter[n])]
+    assert moved  # step 2 served an adapter the optimizer had changed
+    for entry in logs:
+        ratio = entry["sampling/importance_sampling_ratio/mean"]
+        difference = entry["sampling/sampling_logp_difference/mean"]
+        assert abs(ratio - 1.0) < 1e-3 and difference < 1e-3, (entry["step"], ratio, difference)
+
+
 def test_colocated_engines_generate_alone_across_processes(smollm2_tokenizer_dir, tmp_path):
     """2 processes (torchrun, gloo), a colocated engine each at tensor-parallel size 1 (every vLLM recipe's setting):
     a generation call is no collective, so each process generates only its own prompts, as often as its own
