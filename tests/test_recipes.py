@@ -43,6 +43,7 @@ LAUNCH = {
     "qwen-0.5b.yaml": ("single_gpu.yaml", 1),
     "qwen-3b.yaml": ("single_gpu.yaml", 1),
     "qwen-7b.yaml": ("single_gpu.yaml", 1),
+    "qwen-7b-24gb.yaml": ("single_gpu.yaml", 1),
     "qwen3-4b.yaml": ("single_gpu.yaml", 1),
     "qwen-7b-full.yaml": ("fsdp.yaml", 8),
     "qwen3-4b-full.yaml": ("fsdp.yaml", 8),
@@ -188,7 +189,10 @@ def test_gpu_recipes_read_the_paper_data_and_fit_vllm_context(path, update_promp
     assert args.vllm_max_model_length >= longest_call + CONTEXT_SLACK, (
         f"{path.name}: vllm_max_model_length {args.vllm_max_model_length} < longest call {longest_call} + slack"
     )
-    assert 0.0 < args.vllm_gpu_memory_utilization <= 0.5 and args.vllm_enable_sleep_mode
+    # the trainer stays resident while vLLM generates: half the card for vLLM, a little more for an adapter-synced
+    # FP8 engine (qwen-7b-24gb.yaml: 14.2 of 25.8 GB beside the trainer's 9.9, recipes/README.md)
+    limit = 0.6 if args.vllm_lora_sync else 0.5
+    assert 0.0 < args.vllm_gpu_memory_utilization <= limit and args.vllm_enable_sleep_mode
 
 
 def test_misspelled_key_fails_naming_it_and_the_fix(tmp_path):

@@ -367,10 +367,13 @@ def test_adapter_only_sync_sleeps_at_level_1_and_never_pushes_the_base(engine, t
         AutoModelForCausalLM.from_pretrained(tiny_checkpoint),
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
     )
-    trainer = make_trainer(tiny_checkpoint, tmp_path, model=model, vllm_lora_sync=True)
+    trainer = make_trainer(
+        tiny_checkpoint, tmp_path, model=model, vllm_lora_sync=True, vllm_quantization="fp8", vllm_max_num_seqs=3
+    )
     llm = engine.instances[-1]
-    assert {k: llm.kwargs[k] for k in ("enable_lora", "max_lora_rank", "max_loras")} == {
-        "enable_lora": True, "max_lora_rank": 8, "max_loras": 1}  # fmt: skip
+    keys = ("enable_lora", "max_lora_rank", "max_loras", "quantization", "max_num_seqs")
+    assert {k: llm.kwargs[k] for k in keys} == {
+        "enable_lora": True, "max_lora_rank": 8, "max_loras": 1, "quantization": "fp8", "max_num_seqs": 3}  # fmt: skip
     assert llm.events == [("sleep", 1)]  # TRL's level-2 sleep after construction kept the weights
     record_backward(trainer, llm.events)
     trainer.train()

@@ -207,6 +207,14 @@ class MemTrainConfig(GRPOConfig, SearchAgentArguments):
             "half the bytes of bf16). None: the compute dtype."
         },
     )
+    vllm_max_num_seqs: int | None = field(
+        default=None,
+        metadata={
+            "help": "Colocated vLLM: sequences the engine runs at once. Set it to what its KV cache holds (KV tokens / "
+            "longest call) so requests wait instead of being preempted and recomputed. None: TRL's "
+            "per_device_train_batch_size x tensor-parallel size x steps_per_generation."
+        },
+    )
     trajectory_html_steps: int = field(
         default=50, metadata={"help": "Write a trajectory HTML page every N optimizer steps (0: never)."}
     )
@@ -221,6 +229,10 @@ class MemTrainConfig(GRPOConfig, SearchAgentArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if str(self.vllm_quantization).lower() in {"none", "null", ""}:
+            self.vllm_quantization = None  # `--vllm_quantization none` on the command line: the compute dtype
+        if self.vllm_max_num_seqs is not None and self.vllm_max_num_seqs < 1:
+            raise ValueError(f"vllm_max_num_seqs must be >= 1 (or null for TRL's), got {self.vllm_max_num_seqs}.")
         if self.agent_type not in {"memory", "search"}:
             raise ValueError(f"agent_type must be `memory` or `search`, got {self.agent_type!r}.")
         if self.agent_type == "search" and not self.retriever:

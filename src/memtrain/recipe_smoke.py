@@ -69,6 +69,11 @@ CPU_OVERRIDES: dict[str, tuple[Any, str]] = {
         False,
         "vLLM's CPU platform refuses sleep mode at engine start ('Sleep mode is not supported on current platform')",
     ),
+    "vllm_quantization": (
+        "none",
+        "vLLM's CPU build has no FP8 kernels: the engine fails at start in _C::static_scaled_fp8_quant (declared "
+        "without arguments on CPU)",
+    ),
 }
 # Launch configs written for several GPUs run with this many gloo processes on a CPU.
 CPU_PROCESSES = 2

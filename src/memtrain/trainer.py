@@ -106,7 +106,7 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
             check_vllm_version()
         reward_funcs = reward_funcs if reward_funcs is not None else get_reward_funcs(args.reward_funcs)
         # QLoRA-safe sync, a dense engine for a 4-bit policy, adapter-only sync with vllm_lora_sync
-        with memtrain_vllm_generation(args.vllm_lora_sync, args.vllm_quantization):
+        with memtrain_vllm_generation(args.vllm_lora_sync, args.vllm_quantization, args.vllm_max_num_seqs):
             super().__init__(
                 model=model,
                 reward_funcs=reward_funcs,

@@ -265,6 +265,7 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
 
     lora_sync = False  # vllm_lora_sync: serve the base once with LoRA enabled, sync only the adapter
     quantization: str | None = None  # vllm_quantization of the served base (lora_sync only): "fp8" or None
+    max_num_seqs_override: int | None = None  # vllm_max_num_seqs: what the KV cache holds (TRL: the batch size)
     synced_bytes = 0  # bytes of weights pushed to the engine so far (vllm/sync_bytes)
     _adapters: AdapterPublisher | None = None
     _lora_request: Any = None  # the adapter of the last sync, passed to every generate call (lora_sync)
@@ -278,6 +279,8 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
                 "config), or drop load_in_4bit."
             )
         engine_kwargs: dict[str, Any] = {}
+        if self.max_num_seqs_override is not None:
+            engine_kwargs["max_num_seqs"] = self.max_num_seqs_override
         if self.mode == "colocate" and self._served_dtype is not None:
             # TRL would quantize in flight with bitsandbytes; the engine serves the base checkpoint dense instead
             engine_kwargs.update(quantization=None, dtype=str(self._served_dtype).removeprefix("torch."))
@@ -405,14 +408,17 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
 
 
 @contextlib.contextmanager
-def memtrain_vllm_generation(lora_sync: bool = False, quantization: str | None = None) -> Iterator[None]:
+def memtrain_vllm_generation(
+    lora_sync: bool = False, quantization: str | None = None, max_num_seqs: int | None = None
+) -> Iterator[None]:
     """While the trainer is built, TRL's GRPOTrainer constructs :class:`MemTrainVLLMGeneration` instead of its own,
-    with the recipe's ``vllm_lora_sync`` and ``vllm_quantization``."""
+    with the recipe's ``vllm_lora_sync``, ``vllm_quantization`` and ``vllm_max_num_seqs``."""
     import trl.trainer.grpo_trainer as grpo_trainer
 
     def build(*args, **kwargs) -> MemTrainVLLMGeneration:
         generation = MemTrainVLLMGeneration.__new__(MemTrainVLLMGeneration)
         generation.lora_sync, generation.quantization = lora_sync, quantization
+        generation.max_num_seqs_override = max_num_seqs
         generation.__init__(*args, **kwargs)
         return generation
 

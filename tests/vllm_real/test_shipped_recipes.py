@@ -29,6 +29,7 @@ EXPECTED = {
     "qwen-0.5b.yaml": ("single_gpu.yaml", "vllm"),
     "qwen-3b.yaml": ("single_gpu.yaml", "vllm"),
     "qwen-7b.yaml": ("single_gpu.yaml", "vllm"),
+    "qwen-7b-24gb.yaml": ("single_gpu.yaml", "vllm"),
     "qwen3-4b.yaml": ("single_gpu.yaml", "vllm"),
     "qwen-7b-full.yaml": ("fsdp.yaml", "vllm"),
     "qwen3-4b-full.yaml": ("fsdp.yaml", "vllm"),
