@@ -74,38 +74,57 @@ def part_loop(docs: Path, documents: int, copies: int, chunks: int) -> dict:
     contexts, problems = [r["context"] for r in rows], [r["prompt"] for r in rows]
     agent.rollout(contexts[:1], problems[:1], n=1, sampling=SamplingConfig(max_new_tokens=8, seed=0))  # warm-up
 
-    loop_times, flat_times = [], []
-    for repeat in range(2):
-        sampling = SamplingConfig(max_new_tokens=32, seed=10 + repeat)
-        start = time.perf_counter()
-        trajectories = agent.rollout(contexts, problems, n=copies, sampling=sampling)
-        loop_times.append(time.perf_counter() - start)
-        calls = [call for t in trajectories for call in t.calls]
-        steps = max(call.step for call in calls)
+    def flat(calls) -> tuple[float, int]:
+        """The same prompts in ONE generate, each forced to the number of new tokens it had in the loop."""
         prompts = [{"prompt_token_ids": list(call.prompt_ids)} for call in calls]
-        lengths = [len(call.completion_ids) for call in calls]
+        lengths = [max(len(call.completion_ids), 1) for call in calls]
         params = [
-            SamplingParams(max_tokens=max(n, 1), min_tokens=max(n, 1), ignore_eos=True, seed=k, logprobs=0)
+            SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, seed=k, logprobs=0)
             for k, n in enumerate(lengths)
         ]
         start = time.perf_counter()
         outputs = generator.llm.generate(prompts, sampling_params=params, use_tqdm=False)
-        flat_times.append(time.perf_counter() - start)
-        flat_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        assert flat_tokens == sum(max(n, 1) for n in lengths), (flat_tokens, sum(lengths))
-    loop, flat = min(loop_times), min(flat_times)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        assert tokens == sum(lengths), (tokens, sum(lengths))
+        return seconds, tokens
+
+    # "barrier": one engine call per agent step (every trajectory waits for the slowest of its step), the way every
+    # generator without streaming runs; "stream": each trajectory's next call submitted as its previous one returns.
+    results = {}
+    runs: dict[str, list] = {"barrier": [], "stream": []}
+    for repeat in range(2):
+        for mode in ("barrier", "stream"):  # alternating, so drifts in machine load cancel
+            generator.streaming = mode == "stream"
+            sampling = SamplingConfig(max_new_tokens=32, seed=10 + repeat)
+            start = time.perf_counter()
+            trajectories = agent.rollout(contexts, problems, n=copies, sampling=sampling)
+            loop_seconds = time.perf_counter() - start
+            calls = [call for t in trajectories for call in t.calls]
+            flat_seconds, flat_tokens = flat(calls)
+            runs[mode].append((loop_seconds, flat_seconds, calls, flat_tokens, generator.peak_sequences))
+    for mode, measured in runs.items():
+        loop_seconds, flat_seconds, calls, flat_tokens, peak = min(measured, key=lambda m: m[0] / m[1])
+        new_tokens = sum(len(call.completion_ids) for call in calls)
+        results[mode] = {
+            "engine_calls": max(call.step for call in calls) if mode == "barrier" else 1,
+            "prompts": len(calls),
+            "new_tokens": new_tokens,
+            "prompt_tokens": sum(len(call.prompt_ids) for call in calls),
+            "loop_s": round(loop_seconds, 3),
+            "flat_s": round(flat_seconds, 3),
+            "loop_over_flat": round(loop_seconds / flat_seconds, 2),
+            "loop_tokens_per_s": round(new_tokens / loop_seconds, 1),
+            "flat_tokens_per_s": round(flat_tokens / flat_seconds, 1),
+            **({"peak_sequences": peak} if mode == "stream" else {}),
+        }
     return {
         "engine_init_s": round(init_seconds, 1),
-        "trajectories": len(trajectories),
-        "engine_calls_loop": steps,
-        "prompts": len(calls),
-        "new_tokens": sum(lengths),
-        "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts),
-        "loop_s": round(loop, 3),
-        "flat_s": round(flat, 3),
-        "loop_over_flat": round(loop / flat, 2),
-        "loop_tokens_per_s": round(sum(lengths) / loop, 1),
-        "flat_tokens_per_s": round(flat_tokens / flat, 1),
+        "trajectories": len(contexts) * copies,
+        **results,
+        "barrier_over_stream_loop_over_flat": round(
+            results["barrier"]["loop_over_flat"] / results["stream"]["loop_over_flat"], 2
+        ),
     }
 
 
@@ -251,10 +270,12 @@ def main() -> None:
             results[part]["wall_s"] = round(time.perf_counter() - start, 1)
             print(f"{part}: {json.dumps(results[part])}", flush=True)
     loop, sync = results["loop"], results["sync"]
-    print(
-        f"memory-agent loop: {loop['engine_calls_loop']} engine calls, {loop['loop_s']} s vs one flat generate of the same "
-        f"{loop['prompts']} prompts / {loop['new_tokens']} tokens: {loop['flat_s']} s (loop/flat {loop['loop_over_flat']}x)"
-    )
+    for mode in ("barrier", "stream"):
+        m = loop[mode]
+        print(
+            f"memory-agent loop, {mode}: {m['engine_calls']} engine call(s), {m['loop_s']} s vs one flat generate of the "
+            f"same {m['prompts']} prompts / {m['new_tokens']} tokens: {m['flat_s']} s (loop/flat {m['loop_over_flat']}x)"
+        )
     for name in ("with_session", "without_session"):
         s = sync[name]
         print(

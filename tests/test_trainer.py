@@ -18,8 +18,9 @@ AGENT = AgentConfig(chunk_size=48, max_chunks=2, max_problem_tokens=64, max_memo
 
 
 def answer_length_reward(completions, **kwargs) -> list[float]:
-    """A real reward with spread on a random model: how many characters the final answer has."""
-    return [float(len(text)) / 10 for text in completions]
+    """A real reward with spread on a random model: how many characters the final answer has, ties (two random answers
+    of one length: their budget in tokens is small) broken by the characters themselves."""
+    return [float(len(text)) / 10 + 1e-3 * (sum(map(ord, text)) % 100) for text in completions]
 
 
 def entity_tools():

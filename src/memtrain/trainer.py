@@ -43,6 +43,8 @@ from memtrain.agent.recall import (
     default_entity_tools,
     row_document_template,
 )
+from memtrain.agent.recall_stream import RecallProbeStream
+from memtrain.agent.request_stream import run_requests
 from memtrain.agent.search_agent import SearchAgent, SearchAgentConfig
 from memtrain.agent.trajectory import Trajectory
 from memtrain.configs import MemTrainConfig
@@ -171,33 +173,45 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
                     rewards[i, j] = float(value)
         return rewards
 
-    def _answer_probes(
-        self, probes: list[RecallProbe | None]
+    def _score_probes(
+        self, recall: RecallProbeStream | None, n_local: int
     ) -> tuple[list[list[float]], GenerationOutput | None, list[list[int]]]:
-        """G2 answers to every probe in one generator call: (scores per probe, the output, the probe prompts)."""
-        live = [p for p in probes if p is not None]
-        if not live:
-            return [[] for _ in probes], None, []
-        prompts = [self.memory_agent.encode_chat(self.templates.render_recall(p.memory, p.masked_chunk)) for p in live]
-        output = self.generator.generate(
-            prompts,
-            n=self.args.recall_samples,
-            sampling=SamplingConfig(max_new_tokens=self.agent_config.max_answer_tokens),
-        )
-        tokenizer = self.processing_class
-        scores: list[list[float]] = []
-        g2 = self.args.recall_samples
-        live_index = 0
-        for probe in probes:
-            if probe is None:
-                scores.append([])
-                continue
-            block = output.completion_ids[live_index * g2 : (live_index + 1) * g2]
-            texts = tokenizer.batch_decode(block, skip_special_tokens=True)
-            metric, lenient = self.args.recall_metric, self.args.lenient_recall
-            scores.append([recall_score(text, probe.entity, metric, lenient) for text in texts])
-            live_index += 1
-        return scores, output, prompts
+        """Each probe's G2 answers scored: (scores per rollout, the answers of all probes in order, their prompts)."""
+        if recall is None or not recall.outputs:
+            return [[] for _ in range(n_local)], None, []
+        answered = sorted(recall.outputs)
+        output = GenerationOutput(completion_ids=[], finished=[], logprobs=[])
+        for index in answered:
+            part = recall.outputs[index]
+            output.completion_ids.extend(part.completion_ids)
+            output.finished.extend(part.finished)
+            output.logprobs = (
+                None if output.logprobs is None or part.logprobs is None else output.logprobs + part.logprobs
+            )
+        scores: list[list[float]] = [[] for _ in range(n_local)]
+        metric, lenient = self.args.recall_metric, self.args.lenient_recall
+        for index in answered:
+            texts = self.processing_class.batch_decode(recall.outputs[index].completion_ids, skip_special_tokens=True)
+            scores[index] = [recall_score(text, recall.probes[index].entity, metric, lenient) for text in texts]
+        return scores, output, [recall.prompts[index] for index in answered]
+
+    def _recall_stream(self, trajectories: list[Trajectory], batch: list[dict], pending: Any, counts: Counter):
+        """The batch's recall probes, planned once the entity candidates are known, asked as their memories appear."""
+        find_entities, mask_entity = self.entity_tools
+        seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.accelerator.process_index
+
+        def plan() -> list[RecallProbe | None]:
+            return build_recall_probes(
+                trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed,
+                template=[row_document_template(row) for row in batch], counts=counts,
+                chunk_entities=pending.result(trajectories),
+            )  # fmt: skip
+
+        def prompt_of(probe: RecallProbe) -> list[int]:
+            return self.memory_agent.encode_chat(self.templates.render_recall(probe.memory, probe.masked_chunk))
+
+        sampling = SamplingConfig(max_new_tokens=self.agent_config.max_answer_tokens)
+        return RecallProbeStream(trajectories, plan, pending.done, prompt_of, self.args.recall_samples, sampling)
 
     def _rollout_and_score(self, batch: list[dict]) -> list[TrainingRow]:
         mode = "train" if self.model.training else "eval"
@@ -211,28 +225,26 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
             recall_wanted = recall_wanted and self.args.recall_samples > 0 and self.search_agent is None
             # found while the engine generates: stored entities mapped onto the chunks, else spaCy in a thread
             pending = self.recall_entities.start(batch) if recall_wanted else None
+            recall = None
+            candidate_counts: Counter[str] = Counter()
             if self.search_agent is not None:
                 trajectories = self.search_agent.rollout(batch, n=1)
             else:
-                trajectories = self.memory_agent.rollout(
-                    [row["context"] for row in batch],
-                    [row["prompt"] for row in batch],
-                    n=1,
+                trajectories = self.memory_agent.prepare(
+                    [row["context"] for row in batch], [row["prompt"] for row in batch], n=1,
                     doc_ids=[str(row.get("id", i)) for i, row in enumerate(batch)],
-                    sampling=SamplingConfig(max_new_tokens=self.agent_config.max_memory_tokens),
-                )
-
-            probes: list[RecallProbe | None] = [None] * n_local
-            candidate_counts: Counter[str] = Counter()
-            if pending is not None:
-                find_entities, mask_entity = self.entity_tools
-                seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.accelerator.process_index
-                probes = build_recall_probes(
-                    trajectories, find_entities, mask_entity, self.args.recall_chunk_policy, seed=seed,
-                    template=[row_document_template(row) for row in batch], counts=candidate_counts,
-                    chunk_entities=pending.result(trajectories),
                 )  # fmt: skip
-            recall_scores, recall_output, recall_prompts = self._answer_probes(probes)
+                # probes asked as soon as their memory exists, in the rollouts' stream (or their steps' calls)
+                if pending is not None:
+                    recall = self._recall_stream(trajectories, batch, pending, candidate_counts)
+                self.memory_agent.run(
+                    trajectories, sampling=SamplingConfig(max_new_tokens=self.agent_config.max_memory_tokens),
+                    after_update=None if recall is None else recall.after_update,
+                )  # fmt: skip
+                if recall is not None:
+                    run_requests(self.generator, recall.finish())
+            probes: list[RecallProbe | None] = [None] * n_local if recall is None else recall.probes
+            recall_scores, recall_output, recall_prompts = self._score_probes(recall, n_local)
             self.generator.synchronize()
         recall_rewards = [sum(s) / len(s) if s else None for s in recall_scores]
         metrics["rollout_time"].append(time.perf_counter() - start)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
 from trl import GRPOTrainer
 
 from memtrain.agent.generation import GenerationOutput, SamplingConfig
+from memtrain.agent.request_stream import StreamRequest
 
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,31 @@ class TrainerGenerator:
             return True
         vllm = trainer.vllm_generation
         return vllm.mode != "colocate" or int(getattr(vllm, "tensor_parallel_size", 1)) > 1
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the agents' calls are streamed into the engine (:mod:`memtrain.agent.request_stream`): a colocated
+        vLLM engine per process, where no call is a collective."""
+        trainer = self.trainer
+        if not trainer.use_vllm or self.collective:
+            return False
+        return bool(getattr(trainer.vllm_generation, "streams", False))
+
+    def stream(self, requests: list[StreamRequest]) -> None:
+        """Stream requests into the colocated engine; completions ending in EOS are ``finished``."""
+        eos = set(self.trainer.eos_token_ids)
+
+        def finishing(request: StreamRequest) -> StreamRequest:
+            def on_done(output: GenerationOutput) -> list[StreamRequest]:
+                output.finished = [bool(c) and c[-1] in eos for c in output.completion_ids]
+                return [finishing(follow_up) for follow_up in request.on_done(output)]
+
+            return replace(request, on_done=on_done)
+
+        self.calls += 1
+        self.peak_sequences = self.trainer.vllm_generation.stream([finishing(r) for r in requests])
+
+    peak_sequences = 0  # the most sequences the last stream ran at once
 
     @property
     def _filler_prompt(self) -> list[int]:

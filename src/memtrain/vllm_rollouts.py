@@ -47,6 +47,7 @@ from memtrain.vllm_version import installed_vllm_version, is_vllm_cpu_platform
 
 
 if TYPE_CHECKING:
+    from memtrain.agent.request_stream import StreamRequest
     from memtrain.vllm_lora_sync import AdapterPublisher
 
 
@@ -313,6 +314,38 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
         finally:
             vllm_generation.LLM = engine
         self._sync_dtype = self._engine_dtype()
+
+    @property
+    def streams(self) -> bool:
+        """Whether agent calls can be streamed into this engine: a colocated vLLM engine per process (no tensor
+        parallel group to keep in step) with no structured outputs (TRL builds those per call)."""
+        return (
+            self.mode == "colocate"
+            and int(getattr(self, "tensor_parallel_size", 1)) == 1
+            and _is_vllm_engine(getattr(self, "llm", None))
+            and getattr(self, "structured_outputs_regex", None) is None
+            and "structured_outputs" not in (self.generation_kwargs or {})
+        )
+
+    def stream(self, requests: list[StreamRequest]) -> int:
+        """Run agent requests and their follow-ups on the colocated engine as they appear, sampled as TRL's
+        ``generate`` samples (its temperature, top-p/k, min-p, repetition penalty, generation_kwargs); returns the
+        most sequences that ran at once (bounded by the KV cache, see :func:`stream_on_engine`)."""
+        from vllm import SamplingParams
+
+        from memtrain.agent.vllm_backend import stream_on_engine
+
+        def params_of(request: StreamRequest) -> Any:
+            kwargs = {
+                "n": request.n, "repetition_penalty": self.repetition_penalty, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "min_p": 0.0 if self.min_p is None else self.min_p,
+                "max_tokens": request.sampling.max_new_tokens, "logprobs": self.logprobs,
+            }  # fmt: skip
+            kwargs.update(self.generation_kwargs or {})
+            return SamplingParams(**kwargs)
+
+        lora = self._lora_request if self.lora_sync else None
+        return stream_on_engine(self.llm, requests, params_of, lora_request=lora)
 
     def _check_lora_sync(self) -> None:
         from accelerate.utils import is_peft_model

@@ -1,7 +1,7 @@
 """Two real MemTrainer steps through TRL's colocated vLLM engine (CPU build), sleep mode on.
 
-Every model call of a step (memory updates, final answers, recall answers) goes through TRL's
-``_generate_single_turn`` into a real ``vllm.LLM`` (external launcher, in process). Checked: one weight sync per
+Every model call of a step (memory updates, final answers, recall answers) is streamed into TRL's real ``vllm.LLM``
+(external launcher, in process), each submitted as soon as its input exists. Checked: one weight sync per
 optimizer step whatever the number of calls, and that the synced engine samples from the policy being trained:
 TRL's importance-sampling statistics (vLLM's sampling log-probs against the trainer's) stay at ratio ~1 in step 2,
 after the optimizer has moved the weights.
@@ -78,9 +78,12 @@ def test_two_steps_one_sync_each_and_importance_sampling_logged(trl_colocate_on_
     calls_before = trainer.generator.calls
     trainer.train()
 
-    # 2 chunk steps + the final answer + the recall answers: several engine calls per step, one sync each step
+    # 2 chunk steps + the final answer + the recall answers, all streamed into the engine as they become possible:
+    # one stream per step (the documents carry their entities, so the probes ride in it), one sync each step
     # (every sync_weights call counts, whoever makes it).
-    assert (trainer.generator.calls - calls_before) / 2 >= 4
+    assert trainer.generator.streaming
+    assert trainer.generator.calls - calls_before == 2
+    assert all(t.answer is not None and len(t.calls) == 3 for t in trainer._last_trajectories)
     assert counter.count == 2
     logs = [entry for entry in trainer.state.log_history if "vllm/weight_syncs" in entry]
     assert [entry["step"] for entry in logs] == [1, 2]
@@ -160,7 +163,9 @@ def test_colocated_engines_generate_alone_across_processes(smollm2_tokenizer_dir
 
     first, second = run_workers(smollm2_tokenizer_dir, tmp_path, "vllm", timeout=900)
     assert first["global_step"] == second["global_step"] == 2
-    # rank 0 reads 1-paragraph documents, rank 1 6-paragraph ones: fewer agent steps, so fewer calls on rank 0
-    assert len(first["rounds"]) < len(second["rounds"])
+    # rank 0 reads 1-paragraph documents, rank 1 6-paragraph ones: each process streams its own calls into its own
+    # engine (one stream per step), none through a collective generation round padded with fillers
+    assert first["rounds"] == second["rounds"] == []
+    assert first["generator_calls"] == second["generator_calls"] == 2
     assert first["forwards"] == second["forwards"]
     assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-6)

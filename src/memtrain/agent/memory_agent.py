@@ -8,12 +8,14 @@ rollout is ``max_chunks + 1`` batched calls whatever the batch size.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from memtrain.agent.chunking import ChunkedContext, cap_problem, chunk_context
-from memtrain.agent.generation import Generator, SamplingConfig
+from memtrain.agent.generation import GenerationOutput, Generator, SamplingConfig
 from memtrain.agent.prompts import NO_MEMORY, PromptTemplates, encode_chat, require_chat_template
+from memtrain.agent.request_stream import StreamRequest, run_requests
 from memtrain.agent.trajectory import ModelCall, Trajectory
 
 
@@ -66,6 +68,29 @@ class _Request:
     prompt_ids: list[int]
 
 
+def _step_seed(seed: int | None, step: int) -> int | None:
+    """Step ``t``'s seed, derived from ``(seed, t)``."""
+    return None if seed is None else (seed * 1_000_003 + step) % (2**63)
+
+
+class _StepProgress:
+    """Calls ``on_step(step, steps)`` once every trajectory has made its call of that step, steps in order."""
+
+    def __init__(self, trajectories: list[Trajectory], on_step: Callable[[int, int], None] | None) -> None:
+        self.on_step = on_step
+        self.steps = max((trajectory.num_chunks for trajectory in trajectories), default=0) + 1
+        self.expected = Counter(step for t in trajectories for step in range(1, t.num_chunks + 2))
+        self.made: Counter[int] = Counter()
+        self.reported = 0
+
+    def done(self, step: int) -> None:
+        self.made[step] += 1
+        while self.reported < self.steps and self.made[self.reported + 1] == self.expected[self.reported + 1]:
+            self.reported += 1
+            if self.on_step is not None:
+                self.on_step(self.reported, self.steps)
+
+
 class MemoryAgent:
     """Reads long contexts chunk by chunk into a bounded, overwritten memory, then answers from the memory."""
 
@@ -104,19 +129,23 @@ class MemoryAgent:
         temperature, top-p/k and the seed; ``max_new_tokens`` comes from the agent config. A seeded rollout is
         deterministic: step ``t`` uses a seed derived from ``(seed, t)``.
 
-        A step that mixes memory updates and final answers makes one call with the larger token budget and
-        truncates each completion to its own budget: sampling is autoregressive, so the truncated completion is
-        distributed exactly as if it had been generated under its own budget.
+        Without a streaming generator, a step that mixes memory updates and final answers makes one call with the
+        larger token budget and truncates each completion to its own budget: sampling is autoregressive, so the
+        truncated completion is distributed exactly as if it had been generated under its own budget.
         """
+        return self.run(self.prepare(contexts, problems, n, doc_ids), n=n, sampling=sampling, on_step=on_step)
+
+    def prepare(
+        self, contexts: list[str], problems: list[str], n: int = 1, doc_ids: list[str] | None = None
+    ) -> list[Trajectory]:
+        """``n`` empty trajectories per document (chunked, problem capped), document-major, not yet generated."""
         if len(contexts) != len(problems):
             raise ValueError(f"rollout got {len(contexts)} contexts but {len(problems)} problems; pass one each.")
         if doc_ids is not None and len(doc_ids) != len(contexts):
             raise ValueError(f"rollout got {len(doc_ids)} doc_ids for {len(contexts)} contexts; pass one each.")
         if n < 1:
             raise ValueError(f"n (rollouts per document) must be >= 1, got {n}.")
-        sampling = sampling or getattr(self.generator, "sampling", None) or SamplingConfig()
         doc_ids = [str(i) for i in range(len(contexts))] if doc_ids is None else [str(d) for d in doc_ids]
-
         trajectories: list[Trajectory] = []
         for index, (context, problem) in enumerate(zip(contexts, problems)):
             if not isinstance(context, str) or not isinstance(problem, str):
@@ -142,20 +171,71 @@ class MemoryAgent:
                         },
                     )
                 )
-
-        answered = [False] * len(trajectories)
-        steps = max((trajectory.num_chunks for trajectory in trajectories), default=0) + 1
-        step = 1
-        while not all(answered):
-            requests = [self._request(i, trajectories[i], step) for i in range(len(trajectories)) if not answered[i]]
-            self._run_step(trajectories, requests, step, n if step == 1 else 1, sampling)
-            for request in requests:
-                if request.kind == "final":
-                    answered[request.trajectory] = True
-            if on_step is not None:
-                on_step(step, steps)
-            step += 1
         return trajectories
+
+    def run(
+        self,
+        trajectories: list[Trajectory],
+        n: int = 1,
+        sampling: SamplingConfig | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        after_update: Callable[[int, Trajectory], list[StreamRequest]] | None = None,
+    ) -> list[Trajectory]:
+        """Roll out prepared trajectories (``n`` consecutive copies per document share their first prompt).
+
+        Each trajectory's next call is a :class:`StreamRequest` made when its previous one returns: on a streaming
+        generator (an in-process vLLM engine) it runs at once, so no trajectory waits for the slowest of its step;
+        elsewhere one generator call per step. ``after_update(i, trajectory)`` runs after each memory update and
+        returns further requests that need that memory (recall probes), run beside the agent's own.
+        """
+        sampling = sampling or getattr(self.generator, "sampling", None) or SamplingConfig()
+        progress = _StepProgress(trajectories, on_step)
+        first = []
+        for start in range(0, len(trajectories), n):
+            group = list(range(start, min(start + n, len(trajectories))))
+            requests = [self._request(i, trajectories[i], 1) for i in group]
+            if any(request.prompt_ids != requests[0].prompt_ids for request in requests):
+                raise RuntimeError("Rollouts of one document must share their first prompt.")
+            first.append(self._stream_request(trajectories, group, requests[0], 1, sampling, progress, after_update))
+        run_requests(self.generator, first, lambda wave: _step_seed(sampling.seed, wave))
+        return trajectories
+
+    def _stream_request(
+        self,
+        trajectories: list[Trajectory],
+        indices: list[int],
+        request: _Request,
+        step: int,
+        sampling: SamplingConfig,
+        progress: _StepProgress,
+        after_update: Callable[[int, Trajectory], list[StreamRequest]] | None,
+    ) -> StreamRequest:
+        """The call of ``request`` (for the trajectories ``indices``: one, or a group's copies at step 1)."""
+        budget = self.config.max_memory_tokens if request.kind == "update" else self.config.max_answer_tokens
+
+        def on_done(output: GenerationOutput) -> list[StreamRequest]:
+            if len(output.completion_ids) != len(indices):
+                raise RuntimeError(
+                    f"The generator returned {len(output.completion_ids)} completions for {len(indices)} requested "
+                    "samples; a Generator must return n completions per prompt."
+                )
+            follow_ups: list[StreamRequest] = []
+            for k, index in enumerate(indices):
+                trajectory = trajectories[index]
+                self._record(trajectory, request.kind, step, request.prompt_ids, output, k)
+                progress.done(step)
+                if request.kind == "final":
+                    continue
+                if after_update is not None:
+                    follow_ups.extend(after_update(index, trajectory))
+                following = self._request(index, trajectory, step + 1)
+                follow_ups.append(
+                    self._stream_request(trajectories, [index], following, step + 1, sampling, progress, after_update)
+                )
+            return follow_ups
+
+        step_sampling = replace(sampling, max_new_tokens=budget, seed=_step_seed(sampling.seed, step))
+        return StreamRequest(request.prompt_ids, len(indices), step_sampling, on_done, key=indices[0])
 
     def _request(self, index: int, trajectory: Trajectory, step: int) -> _Request:
         memory = trajectory.memories[-1]
@@ -164,45 +244,27 @@ class MemoryAgent:
             return _Request(index, "update", self.encode_chat(text))
         return _Request(index, "final", self.encode_chat(self.templates.render_final(trajectory.problem, memory)))
 
-    def _run_step(
-        self, trajectories: list[Trajectory], requests: list[_Request], step: int, n: int, sampling: SamplingConfig
+    def _record(
+        self, trajectory: Trajectory, kind: str, step: int, prompt_ids: list[int], output: GenerationOutput, k: int
     ) -> None:
-        """One generator call for every request of this step; ``n > 1`` only at step 1, where groups share prompts."""
-        budgets = {"update": self.config.max_memory_tokens, "final": self.config.max_answer_tokens}
-        max_new_tokens = max(budgets[request.kind] for request in requests)
-        seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + step) % (2**63)
-        step_sampling = replace(sampling, max_new_tokens=max_new_tokens, seed=seed)
-        prompts = [request.prompt_ids for request in requests[::n]]
-        if n > 1 and any(requests[i].prompt_ids != prompts[i // n] for i in range(len(requests))):
-            raise RuntimeError("Rollouts of one document must share their first prompt.")
-        output = self.generator.generate(prompts, n=n, sampling=step_sampling)
-        if len(output.completion_ids) != len(requests):
-            raise RuntimeError(
-                f"The generator returned {len(output.completion_ids)} completions for {len(requests)} requests "
-                f"({len(prompts)} prompts x n={n}); a Generator must return n completions per prompt."
+        completion = list(output.completion_ids[k])
+        logprobs = None if output.logprobs is None else list(output.logprobs[k])
+        text = self._decode(completion)
+        trajectory.calls.append(
+            ModelCall(
+                kind=kind,
+                step=step,
+                prompt_ids=prompt_ids,
+                completion_ids=completion,
+                text=text,
+                logprobs=logprobs,
+                finished=bool(output.finished[k]),
             )
-        for k, request in enumerate(requests):
-            budget = budgets[request.kind]
-            generated = output.completion_ids[k]
-            completion = list(generated[:budget])
-            logprobs = None if output.logprobs is None else list(output.logprobs[k][:budget])
-            text = self._decode(completion)
-            trajectory = trajectories[request.trajectory]
-            trajectory.calls.append(
-                ModelCall(
-                    kind=request.kind,
-                    step=step,
-                    prompt_ids=request.prompt_ids,
-                    completion_ids=completion,
-                    text=text,
-                    logprobs=logprobs,
-                    finished=bool(output.finished[k]) and len(completion) == len(generated),
-                )
-            )
-            if request.kind == "update":
-                trajectory.memories.append(text)
-            else:
-                trajectory.answer = text
+        )
+        if kind == "update":
+            trajectory.memories.append(text)
+        else:
+            trajectory.answer = text
 
     def answer(self, context: str, problem: str) -> str:
         """Read one context and answer one problem (raw answer text, ``\\boxed{}`` not extracted)."""

@@ -53,13 +53,16 @@ EntityMasker = Callable[[str, str], str]
 
 @dataclass
 class RecallProbe:
-    """One probe of one rollout: ``memory_step`` = k (memories[k] read chunks 1..k), ``chunk_index`` = l (1-based)."""
+    """One probe of one rollout: ``memory_step`` = k (memories[k] read chunks 1..k), ``chunk_index`` = l (1-based).
+
+    ``memory`` is None while the rollout has not written memory k yet (a probe planned before or during the rollout).
+    """
 
     trajectory_index: int
     memory_step: int
     chunk_index: int
     entity: str
-    memory: str
+    memory: str | None
     masked_chunk: str
 
 
@@ -149,6 +152,10 @@ def build_recall_probes(
 ) -> list[RecallProbe | None]:
     """One probe per trajectory (None when none of its read chunks holds a usable entity).
 
+    The draw depends on the chunks alone (a rollout reads all of its chunks), so probes can be planned before the
+    memories exist: a probe's ``memory`` is the trajectory's memory k if already written, else None (see
+    :class:`RecallProbeStream`).
+
     ``template`` is the document template of the contexts (the builder's default; None: no template guard), or one
     per trajectory (see :func:`row_document_template`); ``counts`` collects :func:`probe_candidates`' counts over
     the chunks tried. ``chunk_entities``: per trajectory, the entities of each of its chunks, found before (the
@@ -162,7 +169,7 @@ def build_recall_probes(
     if len(known) != len(trajectories):
         raise ValueError(f"{len(known)} chunk entity lists for {len(trajectories)} trajectories.")
     rng = random.Random(seed)
-    plans = [choose_probe_positions(len(t.memories) - 1, policy, rng) for t in trajectories]
+    plans = [choose_probe_positions(t.num_chunks, policy, rng) for t in trajectories]
     # Rollouts of one document share their chunks: run NER once per distinct chunk text (none if all are known).
     texts = sorted(
         {trajectories[i].chunks[chunk - 1] for i, plan in enumerate(plans) if known[i] is None for _, chunk in plan}
@@ -182,7 +189,8 @@ def build_recall_probes(
                 entity = rng.choice(sorted(candidates))
                 masked = mask_entity(text, entity)
                 if TARGET_TOKEN in masked:
-                    probe = RecallProbe(i, k, chunk, entity, trajectory.memories[k], masked)
+                    memory = trajectory.memories[k] if k < len(trajectory.memories) else None
+                    probe = RecallProbe(i, k, chunk, entity, memory, masked)
                     break
         probes.append(probe)
     return probes
@@ -321,6 +329,10 @@ class PendingChunkEntities:
     def ner_seconds(self) -> float:
         """Seconds spaCy spent on rows without the column (0 when every row carries it); waits for the result."""
         return sum(seconds for _, _, seconds in self._future.result().values())
+
+    def done(self) -> bool:
+        """Whether the candidates are known (always, for rows that carry them)."""
+        return self._future.done()
 
     def result(self, trajectories: Sequence[Trajectory]) -> list[ChunkEntities | None]:
         """Per rollout (the rows given to ``start``, in order), the candidates of each of its chunks; None for a

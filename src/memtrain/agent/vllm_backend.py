@@ -27,12 +27,14 @@ How the trainer reuses TRL's own engine and weight sync (TRL 1.16, ``trl.generat
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 from memtrain.agent.generation import GenerationOutput, SamplingConfig
+from memtrain.agent.request_stream import StreamRequest, request_seed
 
 
 VLLM_INSTALL_HINT = (
@@ -106,6 +108,70 @@ def request_outputs_to_generation_output(outputs: Sequence[Any], n: int) -> Gene
     return GenerationOutput(completion_ids=completion_ids, finished=finished, logprobs=logprobs)
 
 
+def kv_cache_tokens(llm: Any) -> int | None:
+    """Tokens the engine's KV cache holds (blocks x block size), or None where the engine does not say."""
+    config = getattr(getattr(getattr(llm, "llm_engine", None), "vllm_config", None), "cache_config", None)
+    blocks, size = getattr(config, "num_gpu_blocks", None), getattr(config, "block_size", None)
+    return int(blocks) * int(size) if isinstance(blocks, int) and isinstance(size, int) and blocks > 0 else None
+
+
+def stream_on_engine(
+    llm: Any,
+    requests: list[StreamRequest],
+    params_of: Callable[[StreamRequest], Any],
+    lora_request: Any = None,
+    token_budget: int | None = None,
+) -> int:
+    """Run ``requests`` and their follow-ups on an in-process ``vllm.LLM``, each submitted as soon as it exists.
+
+    vLLM's engine schedules requests continuously, so a follow-up joins the running batch at the next engine step
+    instead of waiting for the slowest request of a wave. Admission is bounded by what the KV cache holds
+    (``token_budget``, default :func:`kv_cache_tokens`): a request reserves ``n x (prompt + max_new_tokens)`` tokens
+    and waits while the running ones reserve the rest, so the engine never admits more sequences than fit (vLLM
+    would preempt and recompute them). Returns the largest number of sequences that ran at once.
+    """
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    budget = kv_cache_tokens(llm) if token_budget is None else token_budget
+    queue = deque(requests)
+    running: dict[str, tuple[StreamRequest, int]] = {}
+    reserved = peak = 0
+
+    def admit() -> None:
+        nonlocal reserved, peak
+        while queue:
+            request = queue[0]
+            need = request.n * (len(request.prompt_ids) + request.sampling.max_new_tokens)
+            if running and budget is not None and reserved + need > budget:
+                return
+            queue.popleft()
+            params = params_of(request)
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it has finished
+            request_id = str(next(llm.request_counter))  # the counter LLM.generate uses: ids never collide
+            prompt = {"prompt_token_ids": list(request.prompt_ids)}
+            engine.add_request(request_id, prompt, params, lora_request=lora_request)
+            running[request_id] = (request, need)
+            reserved += need
+            peak = max(peak, sum(r.n for r, _ in running.values()))
+
+    try:
+        admit()
+        while running:
+            for output in engine.step():
+                if not output.finished or output.request_id not in running:
+                    continue
+                request, need = running.pop(output.request_id)
+                reserved -= need
+                queue.extend(request.on_done(request_outputs_to_generation_output([output], request.n)))
+            admit()
+    except BaseException:
+        if running:  # leave the engine clean for the next call
+            engine.abort_request(list(running))
+        raise
+    return peak
+
+
 class VLLMGenerator:
     """Generate with an in-process ``vllm.LLM``: pass one (e.g. TRL's colocated engine) or a model to start one.
 
@@ -152,6 +218,21 @@ class VLLMGenerator:
                     **llm_kwargs,
                 )
         self.llm = llm
+        self.peak_sequences = 0  # the most sequences a stream ran at once (bounded by the KV cache)
+
+    streaming = True  # the memory loop submits each trajectory's next call as soon as its previous one returns
+
+    def stream(self, requests: list[StreamRequest]) -> None:
+        """Run requests and their follow-ups as they appear (see :func:`stream_on_engine`)."""
+        _require_vllm()
+        from vllm import SamplingParams
+
+        def params_of(request: StreamRequest) -> Any:
+            seed = request_seed(request.sampling.seed, request.key)
+            return SamplingParams(**{**vllm_sampling_kwargs(request.sampling, request.n), "seed": seed})
+
+        with self.awake():
+            self.peak_sequences = stream_on_engine(self.llm, requests, params_of)
 
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, sampling: SamplingConfig | None = None
