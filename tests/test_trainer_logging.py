@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_trainer import make_trainer
+from test_trainer import answer_length_reward, make_trainer
 
 
 def test_log_completions_records_each_rollouts_problem_memories_answer_rewards(
@@ -33,5 +33,6 @@ def test_log_completions_records_each_rollouts_problem_memories_answer_rewards(
             assert f"[{t}] {memory}" in row["memories"]
     # advantages are centred within the document's group; rewards are the functions' own values
     assert table["advantage"].sum() == pytest.approx(0.0, abs=1e-6)
-    assert table["answer_length_reward"].tolist() == pytest.approx([len(t.answer) / 10 for t in trajectories])
+    answers = [t.answer for t in trajectories]
+    assert table["answer_length_reward"].tolist() == pytest.approx(answer_length_reward(completions=answers))
     assert "Step 1" in capsys.readouterr().out  # rich printed num_completions_to_print rows
