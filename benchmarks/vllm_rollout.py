@@ -138,6 +138,53 @@ def part_loop(docs: Path, documents: int, copies: int, chunks: int, memory_token
     }
 
 
+# ---------------------------------------------------------------------------------------------- the trainer parts
+def answer_length_reward(completions, **kwargs) -> list[float]:
+    """A reward with spread on any model (the answer's length), so every group trains."""
+    return [float(len(text)) / 10 for text in completions]
+
+
+@contextlib.contextmanager
+def cpu_colocated_engine():
+    """TRL's colocated engine on vLLM's CPU build: the sleep-mode shims of tests/vllm_real/cpu_shims.py, and an eager
+    engine (no torch.compile warm-up). Yields the monkeypatch, undone on exit."""
+    import pytest
+    import trl.generation.vllm_generation as trl_vllm
+    from cpu_shims import allow_cpu_sleep_mode
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        allow_cpu_sleep_mode(monkeypatch)
+        engine = trl_vllm.LLM
+        monkeypatch.setattr(trl_vllm, "LLM", lambda *a, **k: engine(*a, **{**k, "enforce_eager": True}))
+        yield monkeypatch
+
+
+def benchmark_trainer(docs: Path, documents: int, steps: int, learning_rate: float, **options):
+    """The MemTrainer every trainer part measures: SmolLM2, D documents x G2 = 2, 2 chunks of 128 tokens, memory 16,
+    TRL's colocated engine in sleep mode. ``options``: ``callbacks``, ``peft_config`` and ``vllm_lora_sync``."""
+    import memtrain.trainer as trainer_module
+    from memtrain.agent.memory_agent import AgentConfig
+    from memtrain.agent.recall import default_entity_tools
+    from memtrain.configs import MemTrainConfig
+    from memtrain.models import resolve_model_path
+    from memtrain.rewards import REWARD_FUNCS
+
+    args = MemTrainConfig(
+        output_dir=tempfile.mkdtemp(prefix="vllm-bench-"), per_device_train_batch_size=4, num_generations=2,
+        recall_samples=2, max_steps=steps, learning_rate=learning_rate, warmup_steps=0, beta=0.0,
+        scale_rewards="none", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
+        lenient_recall=True, max_tokens_per_microbatch=4096, reward_funcs=["answer_length_reward", "memory_recall"],
+        reward_weights=[1.0, 0.5], use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True,
+        vllm_max_model_length=2048, vllm_lora_sync=options.pop("vllm_lora_sync", False),
+    )  # fmt: skip
+    agent = AgentConfig(chunk_size=128, max_chunks=2, max_problem_tokens=64, max_memory_tokens=16, max_answer_tokens=8)
+    return trainer_module.MemTrainer(
+        model=resolve_model_path(MODEL), args=args, agent_config=agent, train_dataset=load_documents(docs, documents),
+        entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
+        **options,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- part: syncs per step
 class _NoSession(contextlib.nullcontext):
     """Stands in for VLLMRolloutSession: TRL's own per-call path (sync after every level-2 sleep)."""
@@ -147,22 +194,13 @@ class _NoSession(contextlib.nullcontext):
 
 
 def part_sync(docs: Path, documents: int, steps: int) -> dict:
-    import pytest
-    import trl.generation.vllm_generation as trl_vllm
-    from cpu_shims import allow_cpu_sleep_mode
     from transformers import TrainerCallback
 
     import memtrain.trainer as trainer_module
-    from memtrain.agent.memory_agent import AgentConfig
-    from memtrain.agent.recall import default_entity_tools
-    from memtrain.configs import MemTrainConfig
-    from memtrain.models import resolve_model_path
-    from memtrain.rewards import REWARD_FUNCS
     from memtrain.trainer_engine import TrainerGenerator
     from memtrain.vllm_rollouts import VLLMRolloutSession, sync_counter
 
     streaming = TrainerGenerator.streaming
-    dataset = load_documents(docs, documents)
     records: list[dict] = []
 
     class StepClock(TrainerCallback):
@@ -192,30 +230,9 @@ def part_sync(docs: Path, documents: int, steps: int) -> dict:
                 }
             )
 
-    def answer_length_reward(completions, **kwargs):
-        return [float(len(text)) / 10 for text in completions]
-
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        allow_cpu_sleep_mode(monkeypatch)
-        engine = trl_vllm.LLM
-        monkeypatch.setattr(trl_vllm, "LLM", lambda *a, **k: engine(*a, **{**k, "enforce_eager": True}))
-        out = tempfile.mkdtemp(prefix="vllm-bench-")
-        args = MemTrainConfig(
-            output_dir=out, per_device_train_batch_size=4, num_generations=2, recall_samples=2, max_steps=steps,
-            learning_rate=1e-5, warmup_steps=0, beta=0.0, scale_rewards="none", logging_steps=1, save_strategy="no",
-            report_to="none", use_cpu=True, bf16=False, seed=0, lenient_recall=True, max_tokens_per_microbatch=4096,
-            reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
-            use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=2048,
-        )  # fmt: skip
-        agent = AgentConfig(
-            chunk_size=128, max_chunks=2, max_problem_tokens=64, max_memory_tokens=16, max_answer_tokens=8
-        )
+    with cpu_colocated_engine() as monkeypatch:
         start = time.perf_counter()
-        trainer = trainer_module.MemTrainer(
-            model=resolve_model_path(MODEL), args=args, agent_config=agent, train_dataset=dataset,
-            entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
-            callbacks=[StepClock()],
-        )  # fmt: skip
+        trainer = benchmark_trainer(docs, documents, steps, learning_rate=1e-5, callbacks=[StepClock()])
         init_seconds = time.perf_counter() - start
         counter = sync_counter(trainer.vllm_generation)
         calls = trainer.generator.calls
@@ -253,47 +270,19 @@ def part_lora(docs: Path, documents: int, steps: int, adapter_only: bool) -> dic
     """MemTrainer with a LoRA adapter (r = 16, every linear layer) on SmolLM2: merged-weight sync (TRL's way, the
     LoRA deltas merged out of place) or adapter-only sync (``vllm_lora_sync``); then the engine's output tokens/s on
     one fixed workload, served merged or through the adapter."""
-    import pytest
-    import trl.generation.vllm_generation as trl_vllm
-    from cpu_shims import allow_cpu_sleep_mode
     from peft import LoraConfig
     from vllm import SamplingParams
 
-    from memtrain.agent.memory_agent import AgentConfig
-    from memtrain.agent.recall import default_entity_tools
-    from memtrain.configs import MemTrainConfig
-    from memtrain.models import resolve_model_path
-    from memtrain.rewards import REWARD_FUNCS
-    from memtrain.trainer import MemTrainer
     from memtrain.vllm_rollouts import sync_counter
 
-    def answer_length_reward(completions, **kwargs):
-        return [float(len(text)) / 10 for text in completions]
-
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        allow_cpu_sleep_mode(monkeypatch)
-        engine = trl_vllm.LLM
-        monkeypatch.setattr(trl_vllm, "LLM", lambda *a, **k: engine(*a, **{**k, "enforce_eager": True}))
-        args = MemTrainConfig(
-            output_dir=tempfile.mkdtemp(prefix="vllm-bench-"), per_device_train_batch_size=4, num_generations=2,
-            recall_samples=2, max_steps=steps, learning_rate=1e-4, warmup_steps=0, beta=0.0, scale_rewards="none",
-            logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0,
-            lenient_recall=True, max_tokens_per_microbatch=4096, reward_funcs=["answer_length_reward", "memory_recall"],
-            reward_weights=[1.0, 0.5], use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True,
-            vllm_max_model_length=2048, vllm_lora_sync=adapter_only,
-        )  # fmt: skip
-        lora = LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        )  # fmt: skip
-        agent = AgentConfig(
-            chunk_size=128, max_chunks=2, max_problem_tokens=64, max_memory_tokens=16, max_answer_tokens=8
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )  # fmt: skip
+    with cpu_colocated_engine():
+        trainer = benchmark_trainer(
+            docs, documents, steps, learning_rate=1e-4, peft_config=lora, vllm_lora_sync=adapter_only
         )
-        trainer = MemTrainer(
-            model=resolve_model_path(MODEL), args=args, agent_config=agent, train_dataset=load_documents(docs, documents),
-            entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
-            peft_config=lora,
-        )  # fmt: skip
         counter = sync_counter(trainer.vllm_generation)
         start = time.perf_counter()
         trainer.train()

@@ -180,14 +180,15 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
         if recall is None or not recall.outputs:
             return [[] for _ in range(n_local)], None, []
         answered = sorted(recall.outputs)
-        output = GenerationOutput(completion_ids=[], finished=[], logprobs=[])
-        for index in answered:
-            part = recall.outputs[index]
+        parts = [recall.outputs[index] for index in answered]
+        # Sampler log-probs only when every part has them: the IS correction needs one per answer or none.
+        has_logprobs = all(part.logprobs is not None for part in parts)
+        output = GenerationOutput(completion_ids=[], finished=[], logprobs=[] if has_logprobs else None)
+        for part in parts:
             output.completion_ids.extend(part.completion_ids)
             output.finished.extend(part.finished)
-            output.logprobs = (
-                None if output.logprobs is None or part.logprobs is None else output.logprobs + part.logprobs
-            )
+            if has_logprobs:
+                output.logprobs.extend(part.logprobs)
         scores: list[list[float]] = [[] for _ in range(n_local)]
         metric, lenient = self.args.recall_metric, self.args.lenient_recall
         for index in answered:
@@ -246,6 +247,8 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
             probes: list[RecallProbe | None] = [None] * n_local if recall is None else recall.probes
             recall_scores, recall_output, recall_prompts = self._score_probes(recall, n_local)
             self.generator.synchronize()
+            if self.generator.streaming:
+                metrics["vllm/peak_sequences"].append(float(self.generator.take_peak_sequences()))
         recall_rewards = [sum(s) / len(s) if s else None for s in recall_scores]
         metrics["rollout_time"].append(time.perf_counter() - start)
 

@@ -35,6 +35,7 @@ class TrainerGenerator:
     def __init__(self, trainer: GRPOTrainer):
         self.trainer = trainer
         self.calls = 0
+        self.peak_sequences = 0  # the most sequences one stream ran at once, since take_peak_sequences
 
     @contextlib.contextmanager
     def _max_new_tokens(self, max_new_tokens: int):
@@ -108,9 +109,17 @@ class TrainerGenerator:
             return replace(request, on_done=on_done)
 
         self.calls += 1
-        self.peak_sequences = self.trainer.vllm_generation.stream([finishing(r) for r in requests])
+        peak = self.trainer.vllm_generation.stream([finishing(r) for r in requests])
+        self.peak_sequences = max(self.peak_sequences, peak)
 
-    peak_sequences = 0  # the most sequences the last stream ran at once
+    def take_peak_sequences(self) -> int:
+        """The most sequences the engine ran at once since the last call (0 without a stream), then reset.
+
+        Logged per step as ``vllm/peak_sequences``: far below the step's trajectories x samples means the KV cache,
+        not the batch, bounds the rollouts' concurrency (raise ``vllm_gpu_memory_utilization`` or shorten budgets).
+        """
+        peak, self.peak_sequences = self.peak_sequences, 0
+        return peak
 
     @property
     def _filler_prompt(self) -> list[int]:

@@ -9,6 +9,8 @@ layer-wise on a CPU engine (re-packing a tied LM head). What stays here is what 
   the config through, so TRL's sleep-mode bookkeeping (a level-2 sleep marks the weights discarded, and the next
   generation re-syncs them) runs for real; no memory is freed on CPU.
 * fp32: :func:`serve_float32` serves a float32 checkpoint in float32, so the sync can be checked exactly.
+* Shapes: :func:`save_tiny_llama` saves a random Llama small enough to train in a test, with the head size (32)
+  vLLM's CPU attention supports.
 """
 
 from __future__ import annotations
@@ -56,4 +58,24 @@ def build_documents_in_subprocess(folder: Path, num_documents: int, corpus_limit
         f"save_built_documents(Path({str(folder)!r}), {num_documents}, {corpus_limit}, {seed})"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
+    return folder
+
+
+def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama over the real SmolLM2 tokenizer, shaped for vLLM's CPU attention (head size 32)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from memtrain.models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder

@@ -10,33 +10,12 @@ after the optimizer has moved the weights.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
-from cpu_shims import build_documents_in_subprocess
+from cpu_shims import build_documents_in_subprocess, save_tiny_llama
 
 
 AGENT = dict(chunk_size=48, max_chunks=2, max_problem_tokens=64, max_memory_tokens=8, max_answer_tokens=6)
-
-
-def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """A tiny random Llama over the real SmolLM2 tokenizer, shaped for vLLM's CPU attention (head size 32)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from memtrain.models import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def answer_length_reward(completions, **kwargs) -> list[float]:
@@ -91,6 +70,8 @@ def test_two_steps_one_sync_each_and_importance_sampling_logged(trl_colocate_on_
     for entry in logs:
         ratio = entry["sampling/importance_sampling_ratio/mean"]
         assert math.isfinite(ratio) and entry["vllm/sync_seconds"] > 0
+        # the stream's concurrency: 2 trajectories of one sequence, at most 2 probes of 2 answers beside them
+        assert 1 <= entry["vllm/peak_sequences"] <= 2 + 2 * 2, entry["vllm/peak_sequences"]
         # vLLM sampled from the weights being trained (fp32 both sides): log-probs agree, the IS ratio is 1.
         difference = entry["sampling/sampling_logp_difference/mean"]
         assert abs(ratio - 1.0) < 1e-3 and difference < 1e-3, (entry["step"], ratio, difference)

@@ -136,10 +136,10 @@ def stream_on_engine(
     budget = kv_cache_tokens(llm) if token_budget is None else token_budget
     queue = deque(requests)
     running: dict[str, tuple[StreamRequest, int]] = {}
-    reserved = peak = 0
+    reserved = sequences = peak = 0  # KV tokens reserved, sequences running, the most that ran at once
 
     def admit() -> None:
-        nonlocal reserved, peak
+        nonlocal reserved, sequences, peak
         while queue:
             request = queue[0]
             need = request.n * (len(request.prompt_ids) + request.sampling.max_new_tokens)
@@ -153,7 +153,8 @@ def stream_on_engine(
             engine.add_request(request_id, prompt, params, lora_request=lora_request)
             running[request_id] = (request, need)
             reserved += need
-            peak = max(peak, sum(r.n for r, _ in running.values()))
+            sequences += request.n
+            peak = max(peak, sequences)
 
     try:
         admit()
@@ -163,6 +164,7 @@ def stream_on_engine(
                     continue
                 request, need = running.pop(output.request_id)
                 reserved -= need
+                sequences -= request.n
                 queue.extend(request.on_done(request_outputs_to_generation_output([output], request.n)))
             admit()
     except BaseException:
