@@ -98,7 +98,11 @@ def args(**values) -> SimpleNamespace:
     ("values", "peft", "message"),
     [
         ({"vllm_lora_sync": True}, False, "the policy has none: set use_peft: true, or vllm_lora_sync: false"),
-        ({"vllm_lora_sync": True, "vllm_mode": "server"}, True, "has no endpoint that loads a LoRA adapter"),
+        (
+            {"vllm_lora_sync": True, "vllm_mode": "server", "vllm_quantization": "fp8"},
+            True,
+            "in server mode the server loads the base: start it with `--quantization fp8`",
+        ),
         ({"vllm_lora_sync": True, "use_vllm": False}, True, "use_vllm is false; set use_vllm: true"),
         ({"vllm_lora_sync": False, "vllm_quantization": "fp8"}, True, "fp8' needs vllm_lora_sync: true"),
         ({"vllm_lora_sync": True, "vllm_quantization": "awq"}, True, "'awq' is not supported: use fp8"),
@@ -109,7 +113,17 @@ def test_settings_that_cannot_run_are_refused_before_the_model_loads(values, pef
         check_vllm_lora_sync(args(**values), peft=peft)
 
 
-@pytest.mark.parametrize("values", [{"vllm_lora_sync": False}, {"vllm_lora_sync": True, "vllm_quantization": "fp8"}])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"vllm_lora_sync": False},
+        {"vllm_lora_sync": True, "vllm_quantization": "fp8"},
+        {
+            "vllm_lora_sync": True,
+            "vllm_mode": "server",
+        },  # the adapter goes through the server's runtime LoRA endpoints
+    ],
+)
 def test_runnable_settings_pass(values):
     check_vllm_lora_sync(args(**values), peft=True)
     check_vllm_lora_sync(args(**values), peft=None)  # not known yet (a published adapter as the model)

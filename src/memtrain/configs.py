@@ -194,10 +194,11 @@ class MemTrainConfig(GRPOConfig, SearchAgentArguments):
     vllm_lora_sync: bool = field(
         default=False,
         metadata={
-            "help": "LoRA/QLoRA with colocated vLLM: the engine loads the base once with LoRA enabled and each optimizer "
-            "step writes only the adapter (a RAM-backed folder) for it to serve; the base is never pushed again and "
-            "sleep keeps it (level 1). For cards without room for a dense bf16 copy; vLLM serves a LoRA at ~1.35x "
-            "the time per token of merged weights. Off: the merged weights are pushed every step."
+            "help": "LoRA/QLoRA with vLLM: the engine loads the base once with LoRA enabled and each optimizer step "
+            "writes only the adapter (a RAM-backed folder) for it to serve; the base is never pushed again and sleep "
+            "keeps it (level 1). Server mode: the server must run with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and "
+            "--enable-lora on the same machine. For cards without room for a dense bf16 copy; vLLM serves a LoRA at "
+            "~1.35x the time per token of merged weights. Off: the merged weights are pushed every step."
         },
     )
     vllm_quantization: str | None = field(

@@ -510,8 +510,8 @@ def check_vllm_lora_sync(args: Any, peft: bool | None) -> None:
         raise PreflightError(
             "vllm_lora_sync syncs a LoRA adapter but the policy has none: set use_peft: true, or vllm_lora_sync: false."
         )
-    if getattr(args, "vllm_mode", "colocate") != "colocate":
+    if getattr(args, "vllm_mode", "colocate") == "server" and quantization is not None:
         raise PreflightError(
-            "vllm_lora_sync needs vllm_mode: colocate: TRL 1.16's `trl vllm-serve` has no endpoint that loads a LoRA "
-            "adapter; use colocate, or vllm_lora_sync: false in server mode (merged weights)."
+            f"vllm_quantization={quantization!r} configures the colocated engine; in server mode the server loads the "
+            f"base: start it with `--quantization {quantization}` and pass --vllm_quantization none."
         )

@@ -260,7 +260,8 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
       :func:`served_dtype` (``quantization=None, dtype=...``) instead of TRL's in-flight bitsandbytes quantization.
     - ``lora_sync`` (``vllm_lora_sync``): the engine loads the base once with LoRA enabled (FP8 with
       ``quantization="fp8"``), each sync writes only the adapter (:mod:`memtrain.vllm_lora_sync`) and every
-      ``generate`` runs through it; sleep keeps the weights (level 1).
+      ``generate`` runs through it; sleep keeps the weights (level 1). In server mode the main process loads each
+      adapter into the server (:class:`memtrain.vllm_lora_sync.ServedAdapter`) and opens no NCCL group.
     - ``synced_bytes``: the bytes pushed so far, merged weights or adapter (``vllm/sync_bytes``).
     """
 
@@ -289,6 +290,9 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
             self._check_lora_sync()
             from memtrain.vllm_lora_sync import AdapterPublisher, adapter_rank, served_lora_rank
 
+            if self.mode == "server":
+                self._init_adapter_server(adapter_rank(self.model))
+                return
             rank = served_lora_rank(adapter_rank(self.model))
             engine_kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1, quantization=self.quantization)
             self._adapters = AdapterPublisher()
@@ -355,16 +359,33 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
                 "vllm_lora_sync syncs a LoRA adapter but the policy has none: set use_peft: true, or "
                 "vllm_lora_sync: false."
             )
-        if self.mode != "colocate":
-            raise PreflightError(
-                "vllm_lora_sync needs vllm_mode: colocate: TRL 1.16's `trl vllm-serve` has no endpoint that loads a "
-                "LoRA adapter; use colocate, or vllm_lora_sync: false in server mode (merged weights)."
-            )
         if self._dist.is_fsdp:
             raise PreflightError(
                 "vllm_lora_sync is not supported under FSDP (the adapter is sharded across processes); train LoRA on "
                 "one GPU or with DDP (no fsdp in the accelerate config), or set vllm_lora_sync: false."
             )
+
+    def _init_adapter_server(self, rank: int) -> None:
+        """Server mode with ``vllm_lora_sync``: the main process talks to the server over HTTP only. No NCCL
+        weight-transfer group is opened (only adapter files ever cross), and the initial adapter is loaded at once,
+        so a server that cannot take it is refused before training starts."""
+        from trl.generation.vllm_client import VLLMClient
+
+        from memtrain.vllm_lora_sync import AdapterPublisher, ServedAdapter
+
+        if self.accelerator.is_main_process:
+            base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
+            self.vllm_client = VLLMClient(
+                base_url=base_url, group_port=self.group_port, connection_timeout=self.server_timeout
+            )
+            base_model = getattr(self.model, "name_or_path", None) or self.vllm_client.model
+            self._served_adapter = ServedAdapter(self.vllm_client, base_model, rank)
+            self._adapters = AdapterPublisher()
+            self._sync_adapter()
+            self.synced_bytes = 0  # the initial adapter is not a sync
+        self.accelerator.wait_for_everyone()
+
+    _served_adapter: Any = None  # server mode + lora_sync, main process: the server's runtime LoRA endpoints
 
     def _serve_adapter(self, llm: Any) -> None:
         """Every ``generate`` of this engine runs through the last synced adapter, and every sleep keeps the weights.
@@ -412,6 +433,11 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
 
     def _sync_adapter(self) -> None:
         """Publish the adapter for the next calls; the engine's base stays as loaded (woken if it slept)."""
+        if self.mode == "server":  # the main process loads it into the server; the others have nothing to send
+            if self._served_adapter is not None:
+                self._served_adapter.serve(*self._adapters.write(self.model, None))
+                self.synced_bytes += self._adapters.last_bytes
+            return
         if self.enable_sleep_mode:
             self.llm.wake_up(tags=["weights"])
             self._llm_weights_sleeping = False

@@ -1,16 +1,19 @@
 """Server mode on CPU: TRL's ``vllm-serve`` command on loopback, memtrain's ``VLLMServerGenerator`` driving the memory agent.
 
-Generation through the server works on vLLM's CPU build; TRL's weight sync to a server does not (its client refuses
-a non-CUDA device: the NCCL weight-transfer engine), so MemTrainer's ``vllm_mode="server"`` needs a GPU.
+Generation through the server works on vLLM's CPU build; TRL's merged weight sync to a server does not (its client
+refuses a non-CUDA device: the NCCL weight-transfer engine). Adapter-only sync (``vllm_lora_sync``) needs no NCCL: the
+adapter crosses as files loaded through the server's runtime LoRA endpoints, so MemTrainer runs in server mode here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,22 +54,18 @@ def wait_until_up(base_url: str, process: subprocess.Popen, log: Path, timeout: 
     pytest.fail(f"the server did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """TRL's ``vllm-serve`` command for the packaged SmolLM2 on 127.0.0.1 (fp32, eager), stopped after the module."""
+@contextlib.contextmanager
+def trl_vllm_serve(model: str, log: Path, extra_args: list[str] = (), env: dict | None = None) -> Iterator[str]:
+    """TRL's ``vllm-serve`` command for ``model`` on 127.0.0.1 (fp32, eager); yields its base URL, then stops it."""
     from trl.scripts.vllm_serve import ScriptArguments, build_command
-
-    from memtrain.models import resolve_model_path
 
     port = free_port()
     script_args = ScriptArguments(
-        model=resolve_model_path("smollm2-135m"), host="127.0.0.1", port=port, dtype="float32", enforce_eager=True,
-        max_model_len=2048,
-    )  # fmt: skip
-    command = build_command(script_args)
+        model=model, host="127.0.0.1", port=port, dtype="float32", enforce_eager=True, max_model_len=2048
+    )
+    command = build_command(script_args, list(extra_args))
     assert command[1:3] == ["-m", "vllm.entrypoints.cli.main"], command
-    log = Path(tmp_path_factory.mktemp("server")) / "server.log"
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}  # as `trl vllm-serve` sets it
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **(env or {})}  # dev mode as `trl vllm-serve` sets it
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-c", CLI_SHIM, *command[3:]], stdout=out, stderr=subprocess.STDOUT, env=env
@@ -82,6 +81,16 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``trl vllm-serve`` for the packaged SmolLM2, stopped after the module."""
+    from memtrain.models import resolve_model_path
+
+    log = Path(tmp_path_factory.mktemp("server")) / "server.log"
+    with trl_vllm_serve(resolve_model_path("smollm2-135m"), log) as base_url:
+        yield base_url
 
 
 def test_memory_agent_through_trl_vllm_serve(server):
@@ -121,3 +130,92 @@ def test_memory_agent_through_trl_vllm_serve(server):
     # The weight-sync channel TRL's server mode opens at trainer start is NCCL only: refused on CPU.
     with pytest.raises(NotImplementedError, match="CUDA"):
         generator.client.init_communicator(device="cpu")
+
+
+def test_a_server_without_runtime_lora_loading_is_refused_with_the_command_that_starts_one(server):
+    from trl.generation.vllm_client import VLLMClient
+
+    from memtrain.preflight import PreflightError
+    from memtrain.vllm_lora_sync import ServedAdapter
+
+    served = ServedAdapter(VLLMClient(base_url=server, connection_timeout=30), "org/base", 16)
+    with pytest.raises(PreflightError, match="cannot load LoRA adapters at runtime") as refused:
+        served.serve("memtrain-policy-v1", "/dev/shm/none")
+    assert (
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 trl vllm-serve --model org/base --enable-lora --max-lora-rank 16"
+        in str(refused.value)
+    )
+
+
+def answer_length_reward(completions, **kwargs) -> list[float]:
+    """A reward with spread on a random model (the answer's length), so every group trains."""
+    return [float(len(text)) / 10 for text in completions]
+
+
+def test_adapter_only_sync_in_server_mode_loads_each_steps_adapter_into_the_server(tmp_path):
+    """Server mode with vllm_lora_sync (issue 22): ``trl vllm-serve`` with runtime LoRA loading serves the base; each
+    of 2 MemTrainer steps loads only the adapter into it (its exact bytes; no NCCL group, no weight pushed), every
+    request generates through the newest adapter (the IS ratio stays 1: the server's log-probs are the trainer's),
+    and the server keeps only that one loaded."""
+    import requests
+    from cpu_shims import build_documents_in_subprocess, save_tiny_llama
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from memtrain.agent.memory_agent import AgentConfig
+    from memtrain.agent.recall import default_entity_tools
+    from memtrain.configs import MemTrainConfig
+    from memtrain.preflight import PreflightError
+    from memtrain.rewards import REWARD_FUNCS
+    from memtrain.trainer import MemTrainer
+    from memtrain.vllm_rollouts import sync_counter
+
+    checkpoint = str(save_tiny_llama(tmp_path / "tiny"))
+    documents = Dataset.load_from_disk(str(build_documents_in_subprocess(tmp_path / "docs", 2, 300, 7)))
+    runtime_lora = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    lora_args = ["--enable-lora", "--max-lora-rank", "8"]
+    with trl_vllm_serve(checkpoint, tmp_path / "server.log", lora_args, runtime_lora) as base_url:
+        args = MemTrainConfig(
+            output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_generations=2, recall_samples=2,
+            max_steps=2, learning_rate=5e-2, warmup_steps=0, beta=0.0, scale_rewards="none", logging_steps=1,
+            save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, lenient_recall=True,
+            reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
+            use_vllm=True, vllm_mode="server", vllm_server_base_url=base_url, vllm_server_timeout=60,
+            vllm_importance_sampling_correction=True, vllm_lora_sync=True,
+        )  # fmt: skip
+        lora = LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )  # fmt: skip
+        agent = AgentConfig(
+            chunk_size=48, max_chunks=2, max_problem_tokens=64, max_memory_tokens=8, max_answer_tokens=6
+        )
+        trainer = MemTrainer(
+            model=checkpoint, args=args, agent_config=agent, train_dataset=documents,
+            entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
+            peft_config=lora,
+        )  # fmt: skip
+        generation = trainer.vllm_generation
+        client = generation.vllm_client
+        assert client.communicator is None  # no NCCL weight-transfer group (CPU could not open one anyway)
+        client.update_named_params = lambda *a, **k: pytest.fail("weights pushed to the server")
+        assert client.model == "memtrain-policy-v1"  # the initial adapter, loaded when the trainer started
+        adapter = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        adapter_bytes = sum(t.numel() * t.element_size() for t in adapter.values())
+        counter = sync_counter(generation)
+        trainer.train()
+
+        assert counter.count == 2 and client.model == "memtrain-policy-v3"
+        served = [m["id"] for m in requests.get(f"{base_url}/v1/models", timeout=30).json()["data"]]
+        assert served == [checkpoint, "memtrain-policy-v3"], served  # the previous adapters were unloaded
+        logs = [entry for entry in trainer.state.log_history if "vllm/sync_bytes" in entry]
+        assert [entry["vllm/sync_bytes"] for entry in logs] == [float(adapter_bytes)] * 2
+        assert any(not p.detach().equal(adapter[n]) for n, p in trainer.model.named_parameters() if n in adapter)
+        for entry in logs:
+            ratio = entry["sampling/importance_sampling_ratio/mean"]
+            difference = entry["sampling/sampling_logp_difference/mean"]
+            assert abs(ratio - 1.0) < 1e-3 and difference < 1e-3, (entry["step"], ratio, difference)
+
+        # a folder the server cannot read: refused with what the server said and the fix
+        with pytest.raises(PreflightError, match="refused the adapter in /dev/shm/none .*on a machine that sees"):
+            generation._served_adapter.serve("memtrain-policy-missing", "/dev/shm/none")
