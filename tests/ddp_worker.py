@@ -8,12 +8,14 @@ of passing by luck under DDP, whose forwards need no collective. Each process wr
 <out>/rank<i>.json.
 
 Modes: ``train`` (2 steps, log_completions on), ``iterations`` (num_iterations 2), ``generation``
-(steps_per_generation 2), ``eval`` (an evaluation after the step) and ``vllm`` (a real colocated vLLM CPU engine per
-process, tensor-parallel size 1: run from tests/vllm_real only).
+(steps_per_generation 2), ``eval`` (an evaluation after the step), ``vllm`` (a real colocated vLLM CPU engine per
+process, tensor-parallel size 1) and ``vllm-server`` (a running ``trl vllm-serve``, adapter-only sync): the last two
+run from tests/vllm_real only.
 """
 
 import importlib.util
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -55,6 +57,9 @@ MODES = {
                       "max_tokens_per_microbatch": 1}),
     "vllm": ([1, 6], {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024,
                       "max_tokens_per_microbatch": 1}),
+    # a running `trl vllm-serve` (URL and served checkpoint from the environment) and a LoRA adapter synced to it
+    "vllm-server": ([1, 6], {"use_vllm": True, "vllm_mode": "server", "vllm_lora_sync": True,
+                             "vllm_server_timeout": 60, "max_tokens_per_microbatch": 1}),
 }  # fmt: skip
 
 
@@ -137,12 +142,21 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     settings.update(overrides)
     agent = AgentConfig(chunk_size=32, max_chunks=6, max_memory_tokens=8, max_answer_tokens=6)
     model = build_tiny_model(tokenizer)
-    if settings.get("use_vllm"):
+    peft_config = None
+    if mode == "vllm-server":
+        from peft import LoraConfig
+
+        settings["vllm_server_base_url"] = os.environ["MEMTRAIN_TEST_SERVER_URL"]
+        model = os.environ["MEMTRAIN_TEST_SERVED_MODEL"]
+        peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+    elif settings.get("use_vllm"):
         model = serve_from_checkpoint(build_tiny_model(tokenizer, hidden_size=128), tokenizer, Path(out) / "tiny")
     trainer = MemTrainer(
         model=model, args=MemTrainConfig(**settings), agent_config=agent,
         train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows) if mode == "eval" else None,
         processing_class=tokenizer, reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
+        peft_config=peft_config,
     )  # fmt: skip
     forwards = count_collective_forwards(trainer)
     syncs = record_gradient_syncs(trainer)
@@ -167,6 +181,9 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
         "logged": [{k: h.get(k) for k in GATHERED} for h in history if "rows_trained" in h],
         "eval_logged": [{k: h.get(k) for k in EVAL_GATHERED} for h in history if "eval_loss" in h],
     }  # fmt: skip
+    if mode == "vllm-server":  # the model name this process's own requests named last
+        report["served_model"] = trainer.vllm_generation._process_client().model
+        report["own_client"] = trainer.vllm_generation._own_client is not None
     if mode == "train" and trainer.accelerator.is_main_process:
         import pandas as pd
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +19,7 @@ from memtrain.agent.vllm_backend import (
     VLLMServerGenerator,
     client_output_to_generation_output,
     request_outputs_to_generation_output,
+    stream_to_server,
     vllm_sampling_kwargs,
 )
 
@@ -280,3 +282,56 @@ def socket_free_port():
             yield sock.getsockname()[1]
 
     return reserve()
+
+
+# ---------------------------------------------------------------------------------------------- streamed HTTP requests
+def test_stream_to_server_sends_each_follow_up_as_soon_as_its_request_returns():
+    """A slow request (a long memory) does not hold back another trajectory's next call; completions return in
+    each request's own order; the most sequences in flight are counted with each request's n."""
+    from memtrain.agent.request_stream import StreamRequest
+
+    log: list[str] = []
+    lock = threading.Lock()
+
+    def send(request: StreamRequest) -> GenerationOutput:
+        time.sleep(1.0 if request.key == 0 else 0.05)  # trajectory 0's first call is slow
+        with lock:
+            log.append(f"done {request.key}")
+        ids = [[request.key] * request.sampling.max_new_tokens for _ in range(request.n)]
+        return GenerationOutput(completion_ids=ids, finished=[True] * request.n, logprobs=None)
+
+    def chain(key: int, calls: int, n: int = 1) -> StreamRequest:
+        def on_done(output: GenerationOutput) -> list[StreamRequest]:
+            assert len(output.completion_ids) == n and output.completion_ids[0][0] == key % 10
+            return [chain(key + 10, calls - 1)] if calls > 1 else []
+
+        return StreamRequest([1, 2], n, SamplingConfig(max_new_tokens=3), on_done, key=key % 10)
+
+    peak = stream_to_server(send, [chain(0, 1), chain(1, 3, n=2)], max_in_flight=4)
+    # trajectory 1 made all 3 of its calls while trajectory 0's first one still ran: no step barrier
+    assert log == ["done 1", "done 1", "done 1", "done 0"], log
+    assert peak == 3  # 1 + 2 sequences at the start
+
+
+def test_stream_to_server_bounds_requests_in_flight_and_raises_what_a_request_raised():
+    from memtrain.agent.request_stream import StreamRequest
+
+    open_now, most = [0], [0]
+    lock = threading.Lock()
+
+    def send(request: StreamRequest) -> GenerationOutput:
+        with lock:
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+        time.sleep(0.05)
+        with lock:
+            open_now[0] -= 1
+        if request.key == 7:
+            raise ConnectionError("server went away")
+        return GenerationOutput(completion_ids=[[1]], finished=[True], logprobs=None)
+
+    requests = [StreamRequest([1], 1, SamplingConfig(max_new_tokens=1), lambda out: [], key=k) for k in range(6)]
+    assert stream_to_server(send, requests, max_in_flight=2) == 2 and most[0] == 2
+    failing = [StreamRequest([1], 1, SamplingConfig(max_new_tokens=1), lambda out: [], key=k) for k in (6, 7)]
+    with pytest.raises(ConnectionError, match="server went away"):
+        stream_to_server(send, failing)

@@ -29,7 +29,9 @@ class TrainerGenerator:
 
     That path is transformers ``generate`` (unwrapping DeepSpeed ZeRO-3 / FSDP parameters for generation) or vLLM in
     colocate or server mode (weights synced to vLLM once per optimizer step). The per-call token budget (memory,
-    answer) is applied by temporarily setting the trainer's completion length.
+    answer) is applied by temporarily setting the trainer's completion length. Where the engine streams (a colocated
+    engine per process, or a server each process sends its own requests to) the calls go to
+    ``vllm_generation.stream`` instead; in server mode every call does, since TRL's server path is a collective.
     """
 
     def __init__(self, trainer: GRPOTrainer):
@@ -74,11 +76,11 @@ class TrainerGenerator:
     def collective(self) -> bool:
         """Whether a generation call is a collective across processes, so that every process must join each round.
 
-        Yes for transformers ``generate`` on several processes (FSDP gathers parameters in every forward), for vLLM
-        in server mode (TRL gathers every process's prompts to the main one and slices the completions back by equal
-        widths) and for a colocated engine split over a tensor-parallel group. No for a colocated engine per process
-        (tensor-parallel size 1, every vLLM recipe's setting): each process generates its own prompts alone, so none
-        waits for another's rounds or decodes filler prompts.
+        Yes for transformers ``generate`` on several processes (FSDP gathers parameters in every forward) and for a
+        colocated engine split over a tensor-parallel group. No for a colocated engine per process (tensor-parallel
+        size 1, every vLLM recipe's setting) and for server mode, where every process sends its own requests from its
+        own client (TRL's path would gather every process's prompts to the main one and slice the completions back
+        by equal widths): none waits for another's rounds or decodes filler prompts.
         """
         trainer = self.trainer
         if trainer.accelerator.num_processes == 1:
@@ -86,7 +88,9 @@ class TrainerGenerator:
         if not trainer.use_vllm:
             return True
         vllm = trainer.vllm_generation
-        return vllm.mode != "colocate" or int(getattr(vllm, "tensor_parallel_size", 1)) > 1
+        if vllm.mode == "server":
+            return not getattr(vllm, "streams", False)
+        return int(getattr(vllm, "tensor_parallel_size", 1)) > 1
 
     @property
     def streaming(self) -> bool:
@@ -129,6 +133,8 @@ class TrainerGenerator:
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, sampling: SamplingConfig | None = None
     ) -> GenerationOutput:
+        if self.streaming and self.trainer.vllm_generation.mode == "server":
+            return self._generate_as_requests(prompt_ids, n, sampling)  # TRL's server path is a collective
         self.calls += 1
         expanded = [list(ids) for ids in prompt_ids for _ in range(n)]
         max_new_tokens = sampling.max_new_tokens if sampling is not None else self.trainer.max_completion_length
@@ -146,6 +152,24 @@ class TrainerGenerator:
         eos = set(self.trainer.eos_token_ids)
         finished = [bool(c) and c[-1] in eos for c in completion_ids]
         return GenerationOutput(completion_ids=completion_ids, finished=finished, logprobs=logprobs)
+
+    def _generate_as_requests(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig | None
+    ) -> GenerationOutput:
+        """One call as one stream of per-prompt requests; the completions in prompt order."""
+        sampling = sampling or SamplingConfig(max_new_tokens=self.trainer.max_completion_length)
+        outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
+
+        def keep(index: int):
+            return lambda output: outputs.__setitem__(index, output) or []
+
+        self.stream([StreamRequest(list(ids), n, sampling, keep(i), key=i) for i, ids in enumerate(prompt_ids)])
+        logprobs = None if any(o.logprobs is None for o in outputs) else [lp for o in outputs for lp in o.logprobs]
+        return GenerationOutput(
+            completion_ids=[c for o in outputs for c in o.completion_ids],
+            finished=[f for o in outputs for f in o.finished],
+            logprobs=logprobs,
+        )
 
     def synchronize(self) -> None:
         """Join the other processes' remaining generation rounds until every process has finished its rollouts."""

@@ -47,6 +47,7 @@ from memtrain.vllm_version import installed_vllm_version, is_vllm_cpu_platform
 
 
 if TYPE_CHECKING:
+    from memtrain.agent.generation import GenerationOutput
     from memtrain.agent.request_stream import StreamRequest
     from memtrain.vllm_lora_sync import AdapterPublisher
 
@@ -321,8 +322,11 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
 
     @property
     def streams(self) -> bool:
-        """Whether agent calls can be streamed into this engine: a colocated vLLM engine per process (no tensor
-        parallel group to keep in step) with no structured outputs (TRL builds those per call)."""
+        """Whether agent calls can be streamed: always in server mode (each process sends its own requests, which the
+        server batches continuously); in colocate mode on a vLLM engine per process (no tensor-parallel group to keep
+        in step) with no structured outputs (TRL builds those per call)."""
+        if self.mode == "server":
+            return True
         return (
             self.mode == "colocate"
             and int(getattr(self, "tensor_parallel_size", 1)) == 1
@@ -335,6 +339,8 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
         """Run agent requests and their follow-ups on the colocated engine as they appear, sampled as TRL's
         ``generate`` samples (its temperature, top-p/k, min-p, repetition penalty, generation_kwargs); returns the
         most sequences that ran at once (bounded by the KV cache, see :func:`stream_on_engine`)."""
+        if self.mode == "server":
+            return self._stream_to_server(requests)
         from vllm import SamplingParams
 
         from memtrain.agent.vllm_backend import stream_on_engine
@@ -350,6 +356,54 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
 
         lora = self._lora_request if self.lora_sync else None
         return stream_on_engine(self.llm, requests, params_of, lora_request=lora)
+
+    def _stream_to_server(self, requests: list[StreamRequest]) -> int:
+        """Server mode: this process's requests go out as concurrent HTTP requests from its own client, sampled with
+        TRL's settings; no process gathers another's prompts, pads with fillers or waits for another's calls."""
+        from memtrain.agent.vllm_backend import client_output_to_generation_output, stream_to_server
+
+        client = self._process_client()
+
+        def send(request: StreamRequest) -> GenerationOutput:
+            budget = request.sampling.max_new_tokens
+            output = client.generate(
+                prompts=[list(request.prompt_ids)], n=request.n, repetition_penalty=self.repetition_penalty,
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                min_p=0.0 if self.min_p is None else self.min_p, max_tokens=budget, logprobs=self.logprobs,
+                structured_outputs_regex=self.structured_outputs_regex, generation_kwargs=self.generation_kwargs,
+            )  # fmt: skip
+            return client_output_to_generation_output(output, request.n, budget)
+
+        return stream_to_server(send, requests)
+
+    def _process_client(self) -> Any:
+        """This process's HTTP client to the server: TRL's on the main process (it holds the weight-transfer group),
+        a plain one on the others, naming the model the main process last made the server serve."""
+        client = getattr(self, "vllm_client", None)
+        if client is None:
+            if self._own_client is None:
+                from trl.generation.vllm_client import VLLMClient
+
+                base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
+                self._own_client = VLLMClient(base_url=base_url, connection_timeout=self.server_timeout)
+            client = self._own_client
+        if self._served_model is not None:
+            client.model = self._served_model
+        return client
+
+    _own_client: Any = None  # server mode, processes other than the main one: their own HTTP client
+    _served_model: str | None = None  # server mode: the model name requests name (the last adapter with lora_sync)
+
+    def _share_served_model(self) -> None:
+        """Server mode, after a sync: every process learns what the server now serves, and none sends a request
+        before the main process has finished the sync (the broadcast is the barrier)."""
+        from accelerate.utils import broadcast_object_list
+
+        if self.accelerator.num_processes == 1:
+            return
+        name = [self.vllm_client.model if self.accelerator.is_main_process else None]
+        broadcast_object_list(name, from_process=0)
+        self._served_model = name[0]
 
     def _check_lora_sync(self) -> None:
         from accelerate.utils import is_peft_model
@@ -430,6 +484,8 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
             _reload_layerwise(self.llm, super().sync_weights)
         else:
             super().sync_weights()
+        if self.mode == "server":
+            self._share_served_model()
 
     def _sync_adapter(self) -> None:
         """Publish the adapter for the next calls; the engine's base stays as loaded (woken if it slept)."""

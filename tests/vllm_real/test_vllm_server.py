@@ -219,3 +219,27 @@ def test_adapter_only_sync_in_server_mode_loads_each_steps_adapter_into_the_serv
         # a folder the server cannot read: refused with what the server said and the fix
         with pytest.raises(PreflightError, match="refused the adapter in /dev/shm/none .*on a machine that sees"):
             generation._served_adapter.serve("memtrain-policy-missing", "/dev/shm/none")
+
+
+def test_server_mode_processes_send_their_own_requests_with_no_rounds(smollm2_tokenizer_dir, tmp_path, monkeypatch):
+    """2 processes (torchrun, gloo) against one ``trl vllm-serve`` with adapter-only sync (issue 22): each process sends
+    its own requests from its own client, streamed, so no call is a collective round padded with filler prompts,
+    though rank 0 reads 1-paragraph documents and rank 1 6-paragraph ones. After each sync both processes name the
+    adapter the main process loaded; the weights stay equal."""
+    from cpu_shims import save_tiny_llama
+    from test_trainer_distributed import run_workers
+
+    checkpoint = str(save_tiny_llama(tmp_path / "tiny"))
+    runtime_lora = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    lora_args = ["--enable-lora", "--max-lora-rank", "8"]
+    with trl_vllm_serve(checkpoint, tmp_path / "server.log", lora_args, runtime_lora) as base_url:
+        monkeypatch.setenv("MEMTRAIN_TEST_SERVER_URL", base_url)
+        monkeypatch.setenv("MEMTRAIN_TEST_SERVED_MODEL", checkpoint)
+        first, second = run_workers(smollm2_tokenizer_dir, tmp_path, "vllm-server", timeout=900)
+    assert first["global_step"] == second["global_step"] == 2
+    assert first["rounds"] == second["rounds"] == []  # no call went through TRL's gathering server path
+    assert first["generator_calls"] == second["generator_calls"] == 2  # one stream per step on each process
+    assert (first["own_client"], second["own_client"]) == (False, True)  # rank 1 has a client of its own
+    assert first["served_model"] == second["served_model"] == "memtrain-policy-v3"
+    assert first["forwards"] == second["forwards"]
+    assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-6)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib.util
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 
@@ -171,6 +171,39 @@ def stream_on_engine(
         if running:  # leave the engine clean for the next call
             engine.abort_request(list(running))
         raise
+    return peak
+
+
+def stream_to_server(
+    send: Callable[[StreamRequest], GenerationOutput], requests: list[StreamRequest], max_in_flight: int = 64
+) -> int:
+    """Run ``requests`` and their follow-ups as concurrent HTTP requests to a vLLM server, each sent as soon as it
+    exists; ``send`` makes one request and returns its completions. Returns the most sequences that were in flight.
+
+    The server's engine schedules concurrent requests continuously (and bounds what runs by its own KV cache), so a
+    follow-up joins its running batch instead of waiting for the slowest request of a wave. ``max_in_flight`` bounds
+    the open requests of this process.
+    """
+    queue = deque(requests)
+    in_flight: dict[Future, StreamRequest] = {}
+    sequences = peak = 0
+    with ThreadPoolExecutor(max_workers=max(1, max_in_flight)) as pool:
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < max_in_flight:
+                    request = queue.popleft()
+                    in_flight[pool.submit(send, request)] = request
+                    sequences += request.n
+                    peak = max(peak, sequences)
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    request = in_flight.pop(future)
+                    sequences -= request.n
+                    queue.extend(request.on_done(future.result()))
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
     return peak
 
 
