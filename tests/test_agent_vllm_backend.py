@@ -261,6 +261,35 @@ def test_server_generator_seeds_each_prompt_so_group_copies_differ(vllm_server):
     assert generator.generate([], n=1).completion_ids == []
 
 
+def test_server_generator_streams_the_memory_loop_one_request_per_call(vllm_server):
+    """The memory agent over a server: every call is its own request (streamed, no per-step batch), each with its own
+    seed, so the G copies of a document still sample differently, reproducibly."""
+    from transformers import AutoTokenizer
+
+    from memtrain.agent.memory_agent import AgentConfig, MemoryAgent
+    from memtrain.models import resolve_model_path
+
+    generator = VLLMServerGenerator(vllm_server, eos_token_ids=[EOS])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    config = AgentConfig(chunk_size=40, max_chunks=2, max_problem_tokens=32, max_memory_tokens=6, max_answer_tokens=4)
+    context = " ".join(f"The harbour of Quito trades cloth, entry {n}." for n in range(12))
+
+    def run() -> list:
+        FakeVLLMServer.requests = []
+        agent = MemoryAgent(tokenizer, generator, config)
+        return agent.rollout([context], ["Which city?"], n=3, sampling=SamplingConfig(seed=5))
+
+    trajectories = run()
+    requests = list(FakeVLLMServer.requests)
+    assert all(len(r["prompt"]) == 1 for r in requests), [(len(r["prompt"]), r["n"]) for r in requests]
+    # the 3 copies' first update shares one prompt (one request, n = 3); then every call is a request of its own
+    assert [r["n"] for r in requests[:1]] == [3] and [r["n"] for r in requests[1:]] == [1] * 6
+    assert sum(len(t.calls) for t in trajectories) == 3 * 3  # 2 updates + the answer, x 3
+    assert len({r["seed"] for r in requests}) == len(requests)
+    assert len({tuple(t.calls[0].completion_ids) for t in trajectories}) == 3  # the copies differ
+    assert [t.answer for t in run()] == [t.answer for t in trajectories]  # seeded: the same again
+
+
 def test_server_generator_unreachable_server_is_a_clear_error(monkeypatch):
     import trl.generation.vllm_client as vllm_client
 

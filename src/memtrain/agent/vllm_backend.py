@@ -31,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from memtrain.agent.generation import GenerationOutput, SamplingConfig
@@ -372,6 +373,33 @@ class VLLMServerGenerator:
         self.client = client
         self.eos_token_ids = list(eos_token_ids)
         self.max_concurrency = max_concurrency
+        self.peak_sequences = 0  # the most sequences the last stream had in flight
+
+    streaming = True  # the agents' calls go out as soon as they exist (stream_to_server)
+
+    def _request(self, sampling: SamplingConfig, n: int, prompts: list[list[int]], index: int) -> dict[str, Any]:
+        kwargs = vllm_sampling_kwargs(sampling, n, index)
+        seed = kwargs.pop("seed")
+        return self.client.generate(
+            prompts=prompts,
+            n=kwargs["n"],
+            temperature=kwargs["temperature"],
+            top_p=kwargs["top_p"],
+            top_k=kwargs["top_k"],
+            max_tokens=kwargs["max_tokens"],
+            logprobs=kwargs["logprobs"],
+            generation_kwargs=None if seed is None else {"seed": seed},
+        )
+
+    def stream(self, requests: list[StreamRequest]) -> None:
+        """Each request on its own, sent as soon as it exists, its seed made distinct by its key."""
+
+        def send(request: StreamRequest) -> GenerationOutput:
+            sampling = replace(request.sampling, seed=request_seed(request.sampling.seed, request.key))
+            output = self._request(sampling, request.n, [list(request.prompt_ids)], 0)
+            return client_output_to_generation_output(output, request.n, sampling.max_new_tokens, self.eos_token_ids)
+
+        self.peak_sequences = stream_to_server(send, requests, self.max_concurrency)
 
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, sampling: SamplingConfig | None = None
@@ -381,18 +409,7 @@ class VLLMServerGenerator:
             return GenerationOutput(completion_ids=[], finished=[], logprobs=[])
 
         def request(prompts: list[list[int]], index: int) -> dict[str, Any]:
-            kwargs = vllm_sampling_kwargs(sampling, n, index)
-            seed = kwargs.pop("seed")
-            return self.client.generate(
-                prompts=prompts,
-                n=kwargs["n"],
-                temperature=kwargs["temperature"],
-                top_p=kwargs["top_p"],
-                top_k=kwargs["top_k"],
-                max_tokens=kwargs["max_tokens"],
-                logprobs=kwargs["logprobs"],
-                generation_kwargs=None if seed is None else {"seed": seed},
-            )
+            return self._request(sampling, n, prompts, index)
 
         prompts = [list(ids) for ids in prompt_ids]
         if sampling.seed is None:
