@@ -64,7 +64,8 @@ MODES = {
 
 
 def answer_length_reward(completions, **kwargs):
-    return [len(text) / 10 for text in completions]
+    """The answer's length, ties broken by its characters: two random answers of one length would filter a group."""
+    return [len(text) / 10 + 1e-3 * (sum(map(ord, text)) % 100) for text in completions]
 
 
 def count_collective_forwards(trainer: MemTrainer) -> Counter:
@@ -83,18 +84,27 @@ def count_collective_forwards(trainer: MemTrainer) -> Counter:
 
 
 def record_generation_rounds(trainer: MemTrainer) -> list[list[int]]:
-    """Each generation call's (prompts, token budget), in call order: FSDP's parameter gathering and vLLM's
-    tensor-parallel slicing need every process to generate equally wide batches with the same budget, round by round.
-    """
+    """Each generation call's (prompts, token budget, filler prompts among them), in call order."""
     rounds: list[list[int]] = []
     generate = trainer._generate_single_turn
+    filler = trainer.generator._filler_prompt
 
     def recording_generate(prompts, images, multimodal_fields, num_generations, *args, **kwargs):
-        rounds.append([len(prompts), int(trainer.max_completion_length)])
+        fillers = sum(list(prompt) == filler for prompt in prompts)
+        rounds.append([len(prompts), int(trainer.max_completion_length), fillers])
         return generate(prompts, images, multimodal_fields, num_generations, *args, **kwargs)
 
     trainer._generate_single_turn = recording_generate
     return rounds
+
+
+def generate_like_fsdp(trainer: MemTrainer) -> None:
+    """transformers ``generate`` with ``synced_gpus``, as under FSDP (where an FSDP-managed model turns it on): every
+    decoding step all-reduces whether all processes are done, so the processes' calls must pair up one to one, and a
+    process whose rows are done keeps joining the other's forwards. A call left unpaired hangs (a gloo timeout)."""
+    model = trainer.model
+    generate = model.generate
+    model.generate = lambda *args, **kwargs: generate(*args, **{**kwargs, "synced_gpus": True})
 
 
 def record_gradient_syncs(trainer: MemTrainer) -> list[bool]:
@@ -161,6 +171,8 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     forwards = count_collective_forwards(trainer)
     syncs = record_gradient_syncs(trainer)
     rounds = record_generation_rounds(trainer)
+    if not settings.get("use_vllm"):
+        generate_like_fsdp(trainer)
     trainer.train()
     rank = trainer.accelerator.process_index
     checksum = sum(float(p.detach().double().sum()) for p in trainer.model.parameters())

@@ -93,6 +93,15 @@ class TrainerGenerator:
         return int(getattr(vllm, "tensor_parallel_size", 1)) > 1
 
     @property
+    def _equal_rounds(self) -> bool:
+        """Whether a collective round needs equally wide batches with one budget: vLLM's (TRL gathers the prompts and
+        slices the completions back by equal widths, under one SamplingParams). transformers ``generate`` does not:
+        under FSDP it runs with ``synced_gpus`` (the default for an FSDP-managed model), so a process whose rows are
+        done keeps joining the others' forwards until every process is done. There each process generates its own
+        batch to its own budget, and a process with nothing to generate sends one filler row of one token."""
+        return bool(self.trainer.use_vllm)
+
+    @property
     def streaming(self) -> bool:
         """Whether the agents' calls are streamed into the engine (:mod:`memtrain.agent.request_stream`): a colocated
         vLLM engine per process, where no call is a collective."""
@@ -141,10 +150,12 @@ class TrainerGenerator:
         if not self.collective:
             completion_ids, logprobs = self._run(expanded, n, max_new_tokens) if expanded else ([], [])
         else:
-            # Generation is collective across processes (FSDP/ZeRO-3 parameter gathering, vLLM server and tensor
-            # parallel groups), but each process's memory loop makes its own number of calls with its own batch
-            # size. So every call is a round in which all processes take part with equally wide batches.
+            # Generation is collective across processes (FSDP parameter gathering, vLLM tensor-parallel groups), but
+            # each process's memory loop makes its own number of calls with its own batch size. So every call is a
+            # round in which all processes take part.
             width, budget, _ = self._exchange(len(expanded), max_new_tokens, done=False)
+            if not self._equal_rounds:  # transformers generate: own batch, own budget, a filler row if empty
+                width, budget = max(1, len(expanded)), max_new_tokens if expanded else 1
             padded = expanded + [self._filler_prompt] * (width - len(expanded))
             completion_ids, logprobs = self._run(padded, 1, budget)
             completion_ids = completion_ids[: len(expanded)]
@@ -179,8 +190,10 @@ class TrainerGenerator:
             width, budget, all_done = self._exchange(0, 0, done=True)
             if all_done:
                 return
-            if width:
+            if width and self._equal_rounds:
                 self._run([self._filler_prompt] * width, 1, budget)
+            elif width:
+                self._run([self._filler_prompt], 1, 1)  # one row of one token joins the others' forwards
 
 
 class TrainerEngineMixin:
