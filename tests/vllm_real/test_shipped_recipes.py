@@ -7,15 +7,18 @@ and Accelerate turns an FSDP config into plain multi-process data parallel (MULT
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+from cpu_shims import trl_vllm_serve
 
 from memtrain.configs import parse_recipe_args
 from memtrain.recipe_smoke import (
     CPU_PROCESSES,
     REPO,
+    build_tiny_model,
     data_recipes,
     documented_launch,
     run_data_recipe_smoke,
@@ -124,3 +127,51 @@ def test_shipped_recipe_trains_one_step_and_evaluates(path, smoke_work):
         assert smoke.distributed.startswith("1 process(es), NO"), smoke.distributed
     (run,) = smoke.eval_metrics["runs"]
     assert run["metrics"]["avg"]["n"] == 2 and run["mode"] == "agent"
+
+
+def readme_adapter_server_commands() -> tuple[list[str], list[str]]:
+    """recipes/README.md's adapter-only server-mode example: (the server's command, the trainer's), as shell words."""
+    text = (REPO / "recipes" / "README.md").read_text(encoding="utf-8")
+    block = text.split("**LoRA/QLoRA with adapter-only sync")[1].split("```bash")[1].split("```")[0]
+    server, trainer = (shlex.split(command.replace("\\\n", " ")) for command in block.strip().split("\n\n"))
+    return server, trainer
+
+
+def test_the_24gb_recipe_runs_in_server_mode_as_recipes_readme_launches_it(smoke_work):
+    """The README's server-mode example (issue 22): ``trl vllm-serve`` with runtime LoRA loading, then qwen-7b-24gb.yaml
+    through its launcher with the README's overrides, adapter-only sync over HTTP. On a CPU the server drops only what
+    a CPU cannot take (FP8, a GPU memory share) and serves the smoke run's tiny model on a free port."""
+    from memtrain.tiny_models import architecture_of
+
+    server, trainer = readme_adapter_server_commands()
+    env = dict(word.split("=", 1) for word in server[: server.index("trl")])
+    assert env.pop("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "1" and set(env) == {"CUDA_VISIBLE_DEVICES"}
+    assert server[server.index("trl") + 1] == "vllm-serve" and server[-1] == "&"
+    options = server[server.index("vllm-serve") + 1 : -1]
+    assert "--enable-lora" in options
+    rank = options[options.index("--max-lora-rank") + 1]
+    assert options[options.index("--quantization") + 1] == "fp8"  # dropped here: vLLM's CPU build has no FP8
+
+    recipe = REPO / trainer[trainer.index("scripts/run_grpo.py") + 1]
+    assert recipe.name == "qwen-7b-24gb.yaml"
+    values = yaml.safe_load(recipe.read_text(encoding="utf-8"))
+    assert int(rank) >= int(values["lora_r"])
+    words = trainer[trainer.index("scripts/run_grpo.py") + 2 :]
+    overrides = {key.removeprefix("--"): value for key, value in zip(words[::2], words[1::2], strict=True)}
+    assert overrides["vllm_mode"] == "server" and overrides["vllm_quantization"] == "none"
+
+    model = build_tiny_model(smoke_work / f"tiny-{architecture_of(values['model_name_or_path'])}",
+                             architecture_of(values["model_name_or_path"]))  # fmt: skip
+    log = smoke_work / "server-qwen-7b-24gb.log"
+    lora = ["--enable-lora", "--max-lora-rank", rank]
+    with trl_vllm_serve(str(model), log, lora, {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}, dtype="bfloat16") as url:
+        overrides["vllm_server_port"] = url.rsplit(":", 1)[1]
+        smoke = run_recipe_smoke(recipe, smoke_work, on_cpu=True, extra_overrides=overrides, evaluate=False)
+    assert smoke.global_step == 1 and smoke.rows_trained > 0 and smoke.tokens_trained > 0
+    assert smoke.weight_syncs == 1.0  # the step's adapter, loaded into the server once
+    assert all(loss == loss for loss in smoke.losses)
+    served = log.read_text(encoding="utf-8")  # the server's access log
+    # the adapter loaded at trainer start and the step's, the first one unloaded; the rollouts generated through it
+    assert served.count('"POST /v1/load_lora_adapter HTTP/1.1" 200') == 2
+    assert served.count('"POST /v1/unload_lora_adapter HTTP/1.1" 200') == 1
+    assert '"POST /v1/completions HTTP/1.1" 200' in served and "/update_weights" not in served
