@@ -78,8 +78,9 @@ def test_a_server_without_runtime_lora_loading_is_refused_with_the_command_that_
 
 
 def answer_length_reward(completions, **kwargs) -> list[float]:
-    """A reward with spread on a random model (the answer's length), so every group trains."""
-    return [float(len(text)) / 10 for text in completions]
+    """A reward with spread on a random model (the answer's length, ties broken by its characters), so every group
+    trains: the server samples unseeded, and two answers of one length would filter a group."""
+    return [len(text) / 10 + 1e-3 * (sum(map(ord, text)) % 100) for text in completions]
 
 
 def test_adapter_only_sync_in_server_mode_loads_each_steps_adapter_into_the_server(tmp_path):
