@@ -180,15 +180,7 @@ class MemTrainer(TrainerEngineMixin, TrainerLossMixin, TrainerLoggingMixin, GRPO
         if recall is None or not recall.outputs:
             return [[] for _ in range(n_local)], None, []
         answered = sorted(recall.outputs)
-        parts = [recall.outputs[index] for index in answered]
-        # Sampler log-probs only when every part has them: the IS correction needs one per answer or none.
-        has_logprobs = all(part.logprobs is not None for part in parts)
-        output = GenerationOutput(completion_ids=[], finished=[], logprobs=[] if has_logprobs else None)
-        for part in parts:
-            output.completion_ids.extend(part.completion_ids)
-            output.finished.extend(part.finished)
-            if has_logprobs:
-                output.logprobs.extend(part.logprobs)
+        output = GenerationOutput.concatenate([recall.outputs[index] for index in answered])
         scores: list[list[float]] = [[] for _ in range(n_local)]
         metric, lenient = self.args.recall_metric, self.args.lenient_recall
         for index in answered:

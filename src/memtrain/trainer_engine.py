@@ -175,12 +175,7 @@ class TrainerGenerator:
             return lambda output: outputs.__setitem__(index, output) or []
 
         self.stream([StreamRequest(list(ids), n, sampling, keep(i), key=i) for i, ids in enumerate(prompt_ids)])
-        logprobs = None if any(o.logprobs is None for o in outputs) else [lp for o in outputs for lp in o.logprobs]
-        return GenerationOutput(
-            completion_ids=[c for o in outputs for c in o.completion_ids],
-            finished=[f for o in outputs for f in o.finished],
-            logprobs=logprobs,
-        )
+        return GenerationOutput.concatenate(outputs)
 
     def synchronize(self) -> None:
         """Join the other processes' remaining generation rounds until every process has finished its rollouts."""

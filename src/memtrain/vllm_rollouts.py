@@ -346,13 +346,7 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
         from memtrain.agent.vllm_backend import stream_on_engine
 
         def params_of(request: StreamRequest) -> Any:
-            kwargs = {
-                "n": request.n, "repetition_penalty": self.repetition_penalty, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "min_p": 0.0 if self.min_p is None else self.min_p,
-                "max_tokens": request.sampling.max_new_tokens, "logprobs": self.logprobs,
-            }  # fmt: skip
-            kwargs.update(self.generation_kwargs or {})
-            return SamplingParams(**kwargs)
+            return SamplingParams(**{**self._sampling_of(request), **(self.generation_kwargs or {})})
 
         lora = self._lora_request if self.lora_sync else None
         return stream_on_engine(self.llm, requests, params_of, lora_request=lora)
@@ -365,16 +359,23 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
         client = self._process_client()
 
         def send(request: StreamRequest) -> GenerationOutput:
-            budget = request.sampling.max_new_tokens
             output = client.generate(
-                prompts=[list(request.prompt_ids)], n=request.n, repetition_penalty=self.repetition_penalty,
-                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                min_p=0.0 if self.min_p is None else self.min_p, max_tokens=budget, logprobs=self.logprobs,
+                prompts=[list(request.prompt_ids)], **self._sampling_of(request),
                 structured_outputs_regex=self.structured_outputs_regex, generation_kwargs=self.generation_kwargs,
             )  # fmt: skip
-            return client_output_to_generation_output(output, request.n, budget)
+            return client_output_to_generation_output(output, request.n, request.sampling.max_new_tokens)
 
         return stream_to_server(send, requests)
+
+    def _sampling_of(self, request: StreamRequest) -> dict[str, Any]:
+        """One request's sampling as TRL's ``generate`` samples (its temperature, top-p/k, min-p, repetition
+        penalty, log-probs), with the request's own ``n`` and budget: vLLM ``SamplingParams`` keywords, which are
+        also ``VLLMClient.generate``'s."""
+        return {
+            "n": request.n, "repetition_penalty": self.repetition_penalty, "temperature": self.temperature,
+            "top_p": self.top_p, "top_k": self.top_k, "min_p": 0.0 if self.min_p is None else self.min_p,
+            "max_tokens": request.sampling.max_new_tokens, "logprobs": self.logprobs,
+        }  # fmt: skip
 
     def _process_client(self) -> Any:
         """This process's HTTP client to the server: TRL's on the main process (it holds the weight-transfer group),
@@ -382,14 +383,18 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
         client = getattr(self, "vllm_client", None)
         if client is None:
             if self._own_client is None:
-                from trl.generation.vllm_client import VLLMClient
-
-                base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
-                self._own_client = VLLMClient(base_url=base_url, connection_timeout=self.server_timeout)
+                self._own_client = self._http_client()
             client = self._own_client
         if self._served_model is not None:
             client.model = self._served_model
         return client
+
+    def _http_client(self) -> Any:
+        """A ``VLLMClient`` to the configured server that opens no weight-transfer group (HTTP only)."""
+        from trl.generation.vllm_client import VLLMClient
+
+        base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
+        return VLLMClient(base_url=base_url, group_port=self.group_port, connection_timeout=self.server_timeout)
 
     _own_client: Any = None  # server mode, processes other than the main one: their own HTTP client
     _served_model: str | None = None  # server mode: the model name requests name (the last adapter with lora_sync)
@@ -423,15 +428,10 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
         """Server mode with ``vllm_lora_sync``: the main process talks to the server over HTTP only. No NCCL
         weight-transfer group is opened (only adapter files ever cross), and the initial adapter is loaded at once,
         so a server that cannot take it is refused before training starts."""
-        from trl.generation.vllm_client import VLLMClient
-
         from memtrain.vllm_lora_sync import AdapterPublisher, ServedAdapter
 
         if self.accelerator.is_main_process:
-            base_url = self.server_base_url or f"http://{self.server_host}:{self.server_port}"
-            self.vllm_client = VLLMClient(
-                base_url=base_url, group_port=self.group_port, connection_timeout=self.server_timeout
-            )
+            self.vllm_client = self._http_client()
             base_model = getattr(self.model, "name_or_path", None) or self.vllm_client.model
             self._served_adapter = ServedAdapter(self.vllm_client, base_model, rank)
             self._adapters = AdapterPublisher()

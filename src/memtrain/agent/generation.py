@@ -40,6 +40,16 @@ class GenerationOutput:
     finished: list[bool]
     logprobs: list[list[float]] | None = None
 
+    @classmethod
+    def concatenate(cls, parts: list[GenerationOutput]) -> GenerationOutput:
+        """The parts' completions in order; log-probs only when every part has them (one per completion or none)."""
+        has_logprobs = all(part.logprobs is not None for part in parts)
+        return cls(
+            completion_ids=[ids for part in parts for ids in part.completion_ids],
+            finished=[done for part in parts for done in part.finished],
+            logprobs=[lp for part in parts for lp in part.logprobs] if has_logprobs else None,
+        )
+
 
 @runtime_checkable
 class Generator(Protocol):

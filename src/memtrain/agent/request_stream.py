@@ -10,7 +10,8 @@ A :class:`StreamRequest` carries its own continuation (``on_done`` returns the c
 - on a generator with ``streaming = True`` (an in-process vLLM engine, one per process, or a vLLM server each
   process sends its own concurrent requests to; vLLM schedules requests continuously) each follow-up is submitted
   the moment its predecessor returns, so no trajectory waits for another;
-- on any other generator (transformers ``generate``, calls that are collectives across processes) in waves: every pending request in ONE ``generate`` call, the follow-ups in the next. For the memory agent a wave is
+- on any other generator (transformers ``generate``, calls that are collectives across processes) in waves:
+  every pending request in ONE ``generate`` call, the follow-ups in the next. For the memory agent a wave is
   exactly one agent step, as before.
 """
 

@@ -373,7 +373,6 @@ class VLLMServerGenerator:
         self.client = client
         self.eos_token_ids = list(eos_token_ids)
         self.max_concurrency = max_concurrency
-        self.peak_sequences = 0  # the most sequences the last stream had in flight
 
     streaming = True  # the agents' calls go out as soon as they exist (stream_to_server)
 
@@ -399,7 +398,7 @@ class VLLMServerGenerator:
             output = self._request(sampling, request.n, [list(request.prompt_ids)], 0)
             return client_output_to_generation_output(output, request.n, sampling.max_new_tokens, self.eos_token_ids)
 
-        self.peak_sequences = stream_to_server(send, requests, self.max_concurrency)
+        stream_to_server(send, requests, self.max_concurrency)
 
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, sampling: SamplingConfig | None = None
