@@ -9,8 +9,8 @@ of passing by luck under DDP, whose forwards need no collective. Each process wr
 
 Modes: ``train`` (2 steps, log_completions on), ``iterations`` (num_iterations 2), ``generation``
 (steps_per_generation 2), ``eval`` (an evaluation after the step), ``vllm`` (a real colocated vLLM CPU engine per
-process, tensor-parallel size 1) and ``vllm-server`` (a running ``trl vllm-serve``, adapter-only sync): the last two
-run from tests/vllm_real only.
+process, tensor-parallel size 1), ``vllm-tp`` (one colocated engine split over both processes, tensor-parallel size 2)
+and ``vllm-server`` (a running ``trl vllm-serve``, adapter-only sync): the last three run from tests/vllm_real only.
 """
 
 import importlib.util
@@ -57,6 +57,9 @@ MODES = {
                       "max_tokens_per_microbatch": 1}),
     "vllm": ([1, 6], {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024,
                       "max_tokens_per_microbatch": 1}),
+    # one engine over both processes: every generation call is a round of the tensor-parallel group
+    "vllm-tp": ([1, 6], {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024,
+                         "vllm_tensor_parallel_size": 2, "max_tokens_per_microbatch": 1}),
     # a running `trl vllm-serve` (URL and served checkpoint from the environment) and a LoRA adapter synced to it
     "vllm-server": ([1, 6], {"use_vllm": True, "vllm_mode": "server", "vllm_lora_sync": True,
                              "vllm_server_timeout": 60, "max_tokens_per_microbatch": 1}),
@@ -96,6 +99,29 @@ def record_generation_rounds(trainer: MemTrainer) -> list[list[int]]:
 
     trainer._generate_single_turn = recording_generate
     return rounds
+
+
+def count_decoded_tokens(trainer: MemTrainer) -> Counter:
+    """Tokens the engine decoded (``engine``: every completion of every ``llm.generate``, which in a tensor-parallel
+    group holds the whole group's prompts), tokens this process's agents received (``agents``) and completions longer
+    than their call's budget (``over_budget``)."""
+    counts: Counter = Counter()
+    llm = trainer.vllm_generation.llm
+    engine_generate, agent_generate = llm.generate, trainer.generator.generate
+
+    def counting_engine_generate(*args, **kwargs):
+        outputs = engine_generate(*args, **kwargs)
+        counts["engine"] += sum(len(c.token_ids) for output in outputs for c in output.outputs)
+        return outputs
+
+    def counting_agent_generate(prompt_ids, n=1, sampling=None):
+        output = agent_generate(prompt_ids, n, sampling)
+        counts["agents"] += sum(len(c) for c in output.completion_ids)
+        counts["over_budget"] += sum(len(c) > sampling.max_new_tokens for c in output.completion_ids)
+        return output
+
+    llm.generate, trainer.generator.generate = counting_engine_generate, counting_agent_generate
+    return counts
 
 
 def generate_like_fsdp(trainer: MemTrainer) -> None:
@@ -171,6 +197,7 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     forwards = count_collective_forwards(trainer)
     syncs = record_gradient_syncs(trainer)
     rounds = record_generation_rounds(trainer)
+    decoded = count_decoded_tokens(trainer) if mode == "vllm-tp" else Counter()
     if not settings.get("use_vllm"):
         generate_like_fsdp(trainer)
     trainer.train()
@@ -188,7 +215,7 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     report = {
         "world_size": trainer.accelerator.num_processes, "global_step": trainer.state.global_step,
         "generator_calls": trainer.generator.calls, "checksum": checksum, "forwards": dict(forwards),
-        "syncs": syncs, "rounds": rounds, "ddp_no_sync": ddp_no_sync, "fsdp_no_sync": fsdp_no_sync,
+        "syncs": syncs, "rounds": rounds, "decoded": dict(decoded), "ddp_no_sync": ddp_no_sync, "fsdp_no_sync": fsdp_no_sync,
         "rows_trained": [h["rows_trained"] for h in history if "rows_trained" in h],
         "logged": [{k: h.get(k) for k in GATHERED} for h in history if "rows_trained" in h],
         "eval_logged": [{k: h.get(k) for k in EVAL_GATHERED} for h in history if "eval_loss" in h],

@@ -65,12 +65,11 @@ class TrainerGenerator:
             completion_ids, logprobs = self.trainer._generate_single_turn(prompts, None, {}, n)
         return [list(c) for c in completion_ids], logprobs
 
-    def _exchange(self, count: int, budget: int, done: bool) -> tuple[int, int, bool]:
-        """One collective round: the widest batch, the largest budget, and whether every process is done."""
+    def _all_done(self, done: bool) -> bool:
+        """One collective round: whether every process is done (each process's call pairs with the others')."""
         accelerator = self.trainer.accelerator
-        local = torch.tensor([[count, budget, int(done)]], device=accelerator.device)
-        everyone = accelerator.gather(local)
-        return int(everyone[:, 0].max()), int(everyone[:, 1].max()), bool(everyone[:, 2].min())
+        everyone = accelerator.gather(torch.tensor([int(done)], device=accelerator.device))
+        return bool(everyone.min())
 
     @property
     def collective(self) -> bool:
@@ -80,7 +79,7 @@ class TrainerGenerator:
         colocated engine split over a tensor-parallel group. No for a colocated engine per process (tensor-parallel
         size 1, every vLLM recipe's setting) and for server mode, where every process sends its own requests from its
         own client (TRL's path would gather every process's prompts to the main one and slice the completions back
-        by equal widths): none waits for another's rounds or decodes filler prompts.
+        by equal widths): none waits for another's rounds.
         """
         trainer = self.trainer
         if trainer.accelerator.num_processes == 1:
@@ -93,13 +92,16 @@ class TrainerGenerator:
         return int(getattr(vllm, "tensor_parallel_size", 1)) > 1
 
     @property
-    def _equal_rounds(self) -> bool:
-        """Whether a collective round needs equally wide batches with one budget: vLLM's (TRL gathers the prompts and
-        slices the completions back by equal widths, under one SamplingParams). transformers ``generate`` does not:
-        under FSDP it runs with ``synced_gpus`` (the default for an FSDP-managed model), so a process whose rows are
-        done keeps joining the others' forwards until every process is done. There each process generates its own
-        batch to its own budget, and a process with nothing to generate sends one filler row of one token."""
-        return bool(self.trainer.use_vllm)
+    def _idle_rows(self) -> list[list[int]]:
+        """What a process with nothing to generate sends to a collective round.
+
+        Under vLLM's tensor-parallel group nothing: the group gathers each process's own prompts and budget
+        (``MemTrainVLLMGeneration._generate_in_group``). Under transformers ``generate`` one filler row, decoded for
+        one token: FSDP runs it with ``synced_gpus`` (the default for an FSDP-managed model), so a process whose rows
+        are done keeps joining the others' forwards until every process is done, and each process generates its own
+        batch to its own budget; the calls only have to pair up one to one.
+        """
+        return [] if self.trainer.use_vllm else [self._filler_prompt]
 
     @property
     def streaming(self) -> bool:
@@ -151,13 +153,11 @@ class TrainerGenerator:
             completion_ids, logprobs = self._run(expanded, n, max_new_tokens) if expanded else ([], [])
         else:
             # Generation is collective across processes (FSDP parameter gathering, vLLM tensor-parallel groups), but
-            # each process's memory loop makes its own number of calls with its own batch size. So every call is a
-            # round in which all processes take part.
-            width, budget, _ = self._exchange(len(expanded), max_new_tokens, done=False)
-            if not self._equal_rounds:  # transformers generate: own batch, own budget, a filler row if empty
-                width, budget = max(1, len(expanded)), max_new_tokens if expanded else 1
-            padded = expanded + [self._filler_prompt] * (width - len(expanded))
-            completion_ids, logprobs = self._run(padded, 1, budget)
+            # each process's memory loop makes its own number of calls with its own batch size and budget. So every
+            # call is a round in which all processes take part, each with its own rows.
+            self._all_done(False)
+            rows = expanded or self._idle_rows
+            completion_ids, logprobs = self._run(rows, 1, max_new_tokens if expanded else 1)
             completion_ids = completion_ids[: len(expanded)]
             logprobs = None if logprobs is None else logprobs[: len(expanded)]
         eos = set(self.trainer.eos_token_ids)
@@ -181,14 +181,8 @@ class TrainerGenerator:
         """Join the other processes' remaining generation rounds until every process has finished its rollouts."""
         if not self.collective:
             return
-        while True:
-            width, budget, all_done = self._exchange(0, 0, done=True)
-            if all_done:
-                return
-            if width and self._equal_rounds:
-                self._run([self._filler_prompt] * width, 1, budget)
-            elif width:
-                self._run([self._filler_prompt], 1, 1)  # one row of one token joins the others' forwards
+        while not self._all_done(True):
+            self._run(self._idle_rows, 1, 1)
 
 
 class TrainerEngineMixin:

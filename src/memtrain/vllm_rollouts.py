@@ -220,6 +220,10 @@ def _vllm_generation_base() -> type:
     return VLLMGeneration
 
 
+def _has_images(images: Any) -> bool:
+    return images is not None and any(image is not None for image in images)
+
+
 def _is_vllm_engine(llm: Any) -> bool:
     """vLLM's own ``LLM`` (the CPU backend's packing concerns only it, not another engine behind the same calls)."""
     return type(llm).__module__.split(".")[0] == "vllm"
@@ -263,6 +267,9 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
       ``quantization="fp8"``), each sync writes only the adapter (:mod:`memtrain.vllm_lora_sync`) and every
       ``generate`` runs through it; sleep keeps the weights (level 1). In server mode the main process loads each
       adapter into the server (:class:`memtrain.vllm_lora_sync.ServedAdapter`) and opens no NCCL group.
+    - ``generate`` over a tensor-parallel group (colocate): one engine call over every process's own prompts, each at
+      its process's budget (:meth:`_generate_in_group`), where TRL pads equal widths with filler prompts that decode
+      to the group's largest budget.
     - ``synced_bytes``: the bytes pushed so far, merged weights or adapter (``vllm/sync_bytes``).
     """
 
@@ -341,12 +348,10 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
         most sequences that ran at once (bounded by the KV cache, see :func:`stream_on_engine`)."""
         if self.mode == "server":
             return self._stream_to_server(requests)
-        from vllm import SamplingParams
-
         from memtrain.agent.vllm_backend import stream_on_engine
 
         def params_of(request: StreamRequest) -> Any:
-            return SamplingParams(**{**self._sampling_of(request), **(self.generation_kwargs or {})})
+            return self._sampling_params(request.n, request.sampling.max_new_tokens)
 
         lora = self._lora_request if self.lora_sync else None
         return stream_on_engine(self.llm, requests, params_of, lora_request=lora)
@@ -360,22 +365,84 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
 
         def send(request: StreamRequest) -> GenerationOutput:
             output = client.generate(
-                prompts=[list(request.prompt_ids)], **self._sampling_of(request),
+                prompts=[list(request.prompt_ids)], **self._sampling_of(request.n, request.sampling.max_new_tokens),
                 structured_outputs_regex=self.structured_outputs_regex, generation_kwargs=self.generation_kwargs,
             )  # fmt: skip
             return client_output_to_generation_output(output, request.n, request.sampling.max_new_tokens)
 
         return stream_to_server(send, requests)
 
-    def _sampling_of(self, request: StreamRequest) -> dict[str, Any]:
-        """One request's sampling as TRL's ``generate`` samples (its temperature, top-p/k, min-p, repetition
-        penalty, log-probs), with the request's own ``n`` and budget: vLLM ``SamplingParams`` keywords, which are
-        also ``VLLMClient.generate``'s."""
+    def _sampling_of(self, n: int, max_tokens: int) -> dict[str, Any]:
+        """Sampling as TRL's ``generate`` samples (its temperature, top-p/k, min-p, repetition penalty, log-probs),
+        with a call's own ``n`` and budget: vLLM ``SamplingParams`` keywords, which are also
+        ``VLLMClient.generate``'s."""
         return {
-            "n": request.n, "repetition_penalty": self.repetition_penalty, "temperature": self.temperature,
+            "n": n, "repetition_penalty": self.repetition_penalty, "temperature": self.temperature,
             "top_p": self.top_p, "top_k": self.top_k, "min_p": 0.0 if self.min_p is None else self.min_p,
-            "max_tokens": request.sampling.max_new_tokens, "logprobs": self.logprobs,
+            "max_tokens": max_tokens, "logprobs": self.logprobs,
         }  # fmt: skip
+
+    def _sampling_params(self, n: int, max_tokens: int) -> Any:
+        """vLLM ``SamplingParams`` as TRL's colocated ``generate`` builds them (``generation_kwargs`` on top, and a
+        structured-outputs regex), with this call's ``n`` and budget."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kwargs = {**self._sampling_of(n, max_tokens), **(self.generation_kwargs or {})}
+        if self.structured_outputs_regex is not None:
+            kwargs["structured_outputs"] = StructuredOutputsParams(regex=self.structured_outputs_regex)
+        elif isinstance(kwargs.get("structured_outputs"), dict):
+            kwargs["structured_outputs"] = StructuredOutputsParams(**kwargs["structured_outputs"])
+        return SamplingParams(**kwargs)
+
+    def generate(self, prompts: list[list[int]], images: Any, num_generations: int, profiler: Any = None) -> tuple:
+        """TRL's ``generate``, except for a colocated engine split over a tensor-parallel group: there
+        :meth:`_generate_in_group`, where each process's prompts keep their own number and budget."""
+        if self.mode == "colocate" and int(self.tensor_parallel_size) > 1 and not _has_images(images):
+            return self._generate_in_group(prompts, profiler)
+        return super().generate(prompts, images, num_generations, profiler)
+
+    def _generate_in_group(self, prompts: list[list[int]], profiler: Any = None) -> tuple:
+        """One ``llm.generate`` over the prompts of every process of this tensor-parallel group, each process's
+        sampled to its own budget (``max_completion_length`` as that process set it for this call).
+
+        TRL gathers equally wide batches under one ``SamplingParams``, so a process with fewer prompts pads with
+        fillers, and every filler and every short call decodes to the widest budget of the group. Here the group
+        gathers each process's prompts and budget as they are; a process with nothing to generate adds no prompt,
+        and a group with nothing to generate skips the engine. Every process of the group then holds the same
+        inputs, as vLLM's tensor-parallel workers require, and takes back its own slice.
+        """
+        import torch.distributed as dist
+        from accelerate.utils import is_peft_model
+        from trl.generation.vllm_generation import extract_logprobs
+
+        gathered: list[Any] = [None] * int(self.tensor_parallel_size)
+        dist.all_gather_object(gathered, (list(prompts), int(self.max_completion_length)), group=self.tp_group)
+        everyone = [ids for group_prompts, _ in gathered for ids in group_prompts]
+        if not everyone:
+            return [], [], [], []
+        sampling = [self._sampling_params(1, budget) for group_prompts, budget in gathered for _ in group_prompts]
+        if self.enable_sleep_mode:
+            self.llm.wake_up(tags=["kv_cache"])
+        if is_peft_model(self.model):  # TRL's drain before vLLM's TP collectives (huggingface/trl#3671)
+            on_gpu = self.accelerator.device.type == "cuda"
+            dist.barrier(device_ids=[self.accelerator.local_process_index] if on_gpu else None)
+        with profiler or contextlib.nullcontext():
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": ids} for ids in everyone], sampling_params=sampling, use_tqdm=False
+            )
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=2)
+            self._llm_weights_sleeping = True
+        start = sum(len(group_prompts) for group_prompts, _ in gathered[: dist.get_rank(group=self.tp_group)])
+        mine = slice(start, start + len(prompts))
+        logprobs, logprob_token_ids = extract_logprobs(outputs)
+        return (
+            [list(output.prompt_token_ids) for output in outputs][mine],
+            [list(c.token_ids) for output in outputs for c in output.outputs][mine],
+            None if logprobs is None else logprobs[mine],
+            None if logprob_token_ids is None else logprob_token_ids[mine],
+        )
 
     def _process_client(self) -> Any:
         """This process's HTTP client to the server: TRL's on the main process (it holds the weight-transfer group),
