@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -36,6 +37,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from memtrain.agent.memory_agent import AgentConfig  # noqa: E402
+from memtrain.agent.request_stream import StreamRequest  # noqa: E402
 from memtrain.configs import MemTrainConfig  # noqa: E402
 from memtrain.data.corpus import builtin_corpus_path, load_corpus  # noqa: E402
 from memtrain.rewards import REWARD_FUNCS  # noqa: E402
@@ -60,6 +62,10 @@ MODES = {
     # one engine over both processes: every generation call is a round of the tensor-parallel group
     "vllm-tp": ([1, 6], {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024,
                          "vllm_tensor_parallel_size": 2, "max_tokens_per_microbatch": 1}),
+    # the same with a structured-outputs regex, which TRL builds per call: rounds of the group instead of a stream
+    "vllm-tp-regex": ([1, 6], {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024,
+                               "vllm_tensor_parallel_size": 2, "vllm_structured_outputs_regex": "[A-Za-z ]+",
+                               "max_tokens_per_microbatch": 1}),
     # a running `trl vllm-serve` (URL and served checkpoint from the environment) and a LoRA adapter synced to it
     "vllm-server": ([1, 6], {"use_vllm": True, "vllm_mode": "server", "vllm_lora_sync": True,
                              "vllm_server_timeout": 60, "max_tokens_per_microbatch": 1}),
@@ -102,25 +108,47 @@ def record_generation_rounds(trainer: MemTrainer) -> list[list[int]]:
 
 
 def count_decoded_tokens(trainer: MemTrainer) -> Counter:
-    """Tokens the engine decoded (``engine``: every completion of every ``llm.generate``, which in a tensor-parallel
-    group holds the whole group's prompts), tokens this process's agents received (``agents``) and completions longer
-    than their call's budget (``over_budget``)."""
+    """Tokens the engine decoded (``engine``: every finished request of every engine step, which in a tensor-parallel
+    group holds the whole group's requests), tokens this process's agents received (``agents``), completions longer
+    than their call's budget (``over_budget``), and this process's streams (``streams``, joins included)."""
     counts: Counter = Counter()
-    llm = trainer.vllm_generation.llm
-    engine_generate, agent_generate = llm.generate, trainer.generator.generate
+    engine, generator, vllm = trainer.vllm_generation.llm.llm_engine, trainer.generator, trainer.vllm_generation
+    engine_step, agent_generate, agent_stream, vllm_stream = (
+        engine.step,
+        generator.generate,
+        generator.stream,
+        vllm.stream,
+    )
 
-    def counting_engine_generate(*args, **kwargs):
-        outputs = engine_generate(*args, **kwargs)
-        counts["engine"] += sum(len(c.token_ids) for output in outputs for c in output.outputs)
+    def counting_engine_step(*args, **kwargs):
+        outputs = engine_step(*args, **kwargs)
+        counts["engine"] += sum(len(c.token_ids) for output in outputs if output.finished for c in output.outputs)
         return outputs
+
+    def receive(completion_ids: list[list[int]], budget: int) -> None:
+        counts["agents"] += sum(len(c) for c in completion_ids)
+        counts["over_budget"] += sum(len(c) > budget for c in completion_ids)
 
     def counting_agent_generate(prompt_ids, n=1, sampling=None):
         output = agent_generate(prompt_ids, n, sampling)
-        counts["agents"] += sum(len(c) for c in output.completion_ids)
-        counts["over_budget"] += sum(len(c) > sampling.max_new_tokens for c in output.completion_ids)
+        if not generator.streaming:  # a stream's requests are counted as they finish
+            receive(output.completion_ids, sampling.max_new_tokens)
         return output
 
-    llm.generate, trainer.generator.generate = counting_engine_generate, counting_agent_generate
+    def counting(request: StreamRequest) -> StreamRequest:
+        def on_done(output):
+            receive(output.completion_ids, request.sampling.max_new_tokens)
+            return [counting(follow_up) for follow_up in request.on_done(output)]
+
+        return replace(request, on_done=on_done)
+
+    def counting_vllm_stream(requests):
+        counts["streams"] += 1
+        return vllm_stream(requests)
+
+    engine.step, generator.generate = counting_engine_step, counting_agent_generate
+    generator.stream = lambda requests: agent_stream([counting(r) for r in requests])
+    vllm.stream = counting_vllm_stream
     return counts
 
 
@@ -197,7 +225,7 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     forwards = count_collective_forwards(trainer)
     syncs = record_gradient_syncs(trainer)
     rounds = record_generation_rounds(trainer)
-    decoded = count_decoded_tokens(trainer) if mode == "vllm-tp" else Counter()
+    decoded = count_decoded_tokens(trainer) if mode.startswith("vllm-tp") else Counter()
     if not settings.get("use_vllm"):
         generate_like_fsdp(trainer)
     trainer.train()
@@ -218,6 +246,8 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
         "syncs": syncs, "rounds": rounds, "decoded": dict(decoded), "ddp_no_sync": ddp_no_sync, "fsdp_no_sync": fsdp_no_sync,
         "rows_trained": [h["rows_trained"] for h in history if "rows_trained" in h],
         "logged": [{k: h.get(k) for k in GATHERED} for h in history if "rows_trained" in h],
+        "sampling": [{k: h.get(f"sampling/{k}") for k in ("importance_sampling_ratio/mean", "sampling_logp_difference/max")}
+                     for h in history if "rows_trained" in h],
         "eval_logged": [{k: h.get(k) for k in EVAL_GATHERED} for h in history if "eval_loss" in h],
     }  # fmt: skip
     if mode == "vllm-server":  # the model name this process's own requests named last

@@ -30,8 +30,8 @@ class TrainerGenerator:
     That path is transformers ``generate`` (unwrapping DeepSpeed ZeRO-3 / FSDP parameters for generation) or vLLM in
     colocate or server mode (weights synced to vLLM once per optimizer step). The per-call token budget (memory,
     answer) is applied by temporarily setting the trainer's completion length. Where the engine streams (a colocated
-    engine per process, or a server each process sends its own requests to) the calls go to
-    ``vllm_generation.stream`` instead; in server mode every call does, since TRL's server path is a collective.
+    engine per process or per tensor-parallel group, or a server each process sends its own requests to) every call
+    goes to ``vllm_generation.stream`` instead.
     """
 
     def __init__(self, trainer: GRPOTrainer):
@@ -106,14 +106,16 @@ class TrainerGenerator:
     @property
     def streaming(self) -> bool:
         """Whether the agents' calls are streamed into the engine (:mod:`memtrain.agent.request_stream`): a colocated
-        vLLM engine per process, where no call is a collective."""
+        vLLM engine per process or per tensor-parallel group, or a server."""
         trainer = self.trainer
-        if not trainer.use_vllm or self.collective:
-            return False
-        return bool(getattr(trainer.vllm_generation, "streams", False))
+        return bool(trainer.use_vllm and getattr(trainer.vllm_generation, "streams", False))
 
     def stream(self, requests: list[StreamRequest]) -> None:
-        """Stream requests into the colocated engine; completions ending in EOS are ``finished``."""
+        """Stream requests into the engine; completions ending in EOS are ``finished``.
+
+        Over a tensor-parallel group a stream is a round: the group's processes stream together, each with its own
+        requests, and a process with none left joins from :meth:`synchronize`.
+        """
         eos = set(self.trainer.eos_token_ids)
 
         def finishing(request: StreamRequest) -> StreamRequest:
@@ -124,6 +126,8 @@ class TrainerGenerator:
             return replace(request, on_done=on_done)
 
         self.calls += 1
+        if self.collective:
+            self._all_done(False)
         peak = self.trainer.vllm_generation.stream([finishing(r) for r in requests])
         self.peak_sequences = max(self.peak_sequences, peak)
 
@@ -144,8 +148,8 @@ class TrainerGenerator:
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, sampling: SamplingConfig | None = None
     ) -> GenerationOutput:
-        if self.streaming and self.trainer.vllm_generation.mode == "server":
-            return self._generate_as_requests(prompt_ids, n, sampling)  # TRL's server path is a collective
+        if self.streaming:  # one path for every call: a stream (TRL's server path would be a collective)
+            return self._generate_as_requests(prompt_ids, n, sampling)
         self.calls += 1
         expanded = [list(ids) for ids in prompt_ids for _ in range(n)]
         max_new_tokens = sampling.max_new_tokens if sampling is not None else self.trainer.max_completion_length
@@ -182,7 +186,10 @@ class TrainerGenerator:
         if not self.collective:
             return
         while not self._all_done(True):
-            self._run(self._idle_rows, 1, 1)
+            if self.streaming:  # a tensor-parallel group's stream, joined with no request of this process's
+                self.trainer.vllm_generation.stream([])
+            else:
+                self._run(self._idle_rows, 1, 1)
 
 
 class TrainerEngineMixin:

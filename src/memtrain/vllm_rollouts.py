@@ -49,6 +49,7 @@ from memtrain.vllm_version import installed_vllm_version, is_vllm_cpu_platform
 if TYPE_CHECKING:
     from memtrain.agent.generation import GenerationOutput
     from memtrain.agent.request_stream import StreamRequest
+    from memtrain.agent.vllm_backend import EngineGroup
     from memtrain.vllm_lora_sync import AdapterPublisher
 
 
@@ -267,9 +268,11 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
       ``quantization="fp8"``), each sync writes only the adapter (:mod:`memtrain.vllm_lora_sync`) and every
       ``generate`` runs through it; sleep keeps the weights (level 1). In server mode the main process loads each
       adapter into the server (:class:`memtrain.vllm_lora_sync.ServedAdapter`) and opens no NCCL group.
-    - ``generate`` over a tensor-parallel group (colocate): one engine call over every process's own prompts, each at
-      its process's budget (:meth:`_generate_in_group`), where TRL pads equal widths with filler prompts that decode
-      to the group's largest budget.
+    - ``stream`` over a tensor-parallel group (colocate): the group's processes stream together, each its own
+      requests (:func:`memtrain.agent.vllm_backend.stream_on_engine`); where calls cannot be streamed (structured
+      outputs) ``generate`` is one engine call over every process's own prompts, each at its process's budget
+      (:meth:`_generate_in_group`). TRL pads equal widths with filler prompts that decode to the group's largest
+      budget.
     - ``synced_bytes``: the bytes pushed so far, merged weights or adapter (``vllm/sync_bytes``).
     """
 
@@ -330,13 +333,13 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
     @property
     def streams(self) -> bool:
         """Whether agent calls can be streamed: always in server mode (each process sends its own requests, which the
-        server batches continuously); in colocate mode on a vLLM engine per process (no tensor-parallel group to keep
-        in step) with no structured outputs (TRL builds those per call)."""
+        server batches continuously); in colocate mode on a vLLM engine, one per process or one per tensor-parallel
+        group (whose processes stream together, see :func:`memtrain.agent.vllm_backend.stream_on_engine`), with no
+        structured outputs (TRL builds those per call)."""
         if self.mode == "server":
             return True
         return (
             self.mode == "colocate"
-            and int(getattr(self, "tensor_parallel_size", 1)) == 1
             and _is_vllm_engine(getattr(self, "llm", None))
             and getattr(self, "structured_outputs_regex", None) is None
             and "structured_outputs" not in (self.generation_kwargs or {})
@@ -345,7 +348,10 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
     def stream(self, requests: list[StreamRequest]) -> int:
         """Run agent requests and their follow-ups on the colocated engine as they appear, sampled as TRL's
         ``generate`` samples (its temperature, top-p/k, min-p, repetition penalty, generation_kwargs); returns the
-        most sequences that ran at once (bounded by the KV cache, see :func:`stream_on_engine`)."""
+        most sequences that ran at once (bounded by the KV cache, see :func:`stream_on_engine`).
+
+        Over a tensor-parallel group every process of the group streams together, each with its own requests (a
+        process with none joins with an empty list)."""
         if self.mode == "server":
             return self._stream_to_server(requests)
         from memtrain.agent.vllm_backend import stream_on_engine
@@ -354,7 +360,24 @@ class MemTrainVLLMGeneration(_vllm_generation_base()):
             return self._sampling_params(request.n, request.sampling.max_new_tokens)
 
         lora = self._lora_request if self.lora_sync else None
-        return stream_on_engine(self.llm, requests, params_of, lora_request=lora)
+        return stream_on_engine(self.llm, requests, params_of, lora_request=lora, group=self._engine_group())
+
+    def _engine_group(self) -> EngineGroup | None:
+        """The processes that drive this colocated engine together: its tensor-parallel group (None alone)."""
+        if int(self.tensor_parallel_size) == 1:
+            return None
+        import torch.distributed as dist
+
+        from memtrain.agent.vllm_backend import EngineGroup
+
+        size, group = int(self.tensor_parallel_size), self.tp_group
+
+        def share(mine: Any) -> list[Any]:
+            everyone: list[Any] = [None] * size
+            dist.all_gather_object(everyone, mine, group=group)
+            return everyone
+
+        return EngineGroup(rank=dist.get_rank(group=group), share=share)
 
     def _stream_to_server(self, requests: list[StreamRequest]) -> int:
         """Server mode: this process's requests go out as concurrent HTTP requests from its own client, sampled with

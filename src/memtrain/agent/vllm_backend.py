@@ -15,7 +15,7 @@ How the trainer reuses TRL's own engine and weight sync (TRL 1.16, ``trl.generat
   generator with ``enable_sleep_mode=True, sleep_level=2`` and run a whole rollout inside ``generator.awake()``,
   calling ``trainer.vllm_generation.sync_weights()`` first thing inside it (the weights must be re-pushed).
   Each rank generates its own prompts (TRL gathers across a tensor-parallel group itself only in its own
-  ``generate``; keep ``vllm_tensor_parallel_size=1`` or gather before calling).
+  ``generate``; :func:`stream_on_engine` takes the group as an :class:`EngineGroup`).
 * server mode: ``trl vllm-serve --model <resolve_model_path(name)>`` (TRL execs ``vllm serve`` with the weight
   transfer and logprob flags it needs). On the main process ``trainer.vllm_generation.vllm_client`` is a
   ``VLLMClient``: wrap it with ``VLLMServerGenerator(client=...)``. Only the main process holds a client, so the
@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from memtrain.agent.generation import GenerationOutput, SamplingConfig
@@ -116,12 +116,27 @@ def kv_cache_tokens(llm: Any) -> int | None:
     return int(blocks) * int(size) if isinstance(blocks, int) and isinstance(size, int) and blocks > 0 else None
 
 
+@dataclass(frozen=True)
+class EngineGroup:
+    """The processes that drive one engine together: a tensor-parallel group under an external launcher, whose
+    workers must add the same requests and step the same number of times. ``share`` is an all-gather over the group
+    (this process's object in, every process's out, in group-rank order); ``rank`` is this process's group rank."""
+
+    rank: int
+    share: Callable[[Any], list[Any]]
+
+    @classmethod
+    def alone(cls) -> EngineGroup:
+        return cls(rank=0, share=lambda mine: [mine])
+
+
 def stream_on_engine(
     llm: Any,
     requests: list[StreamRequest],
     params_of: Callable[[StreamRequest], Any],
     lora_request: Any = None,
     token_budget: int | None = None,
+    group: EngineGroup | None = None,
 ) -> int:
     """Run ``requests`` and their follow-ups on an in-process ``vllm.LLM``, each submitted as soon as it exists.
 
@@ -130,43 +145,72 @@ def stream_on_engine(
     (``token_budget``, default :func:`kv_cache_tokens`): a request reserves ``n x (prompt + max_new_tokens)`` tokens
     and waits while the running ones reserve the rest, so the engine never admits more sequences than fit (vLLM
     would preempt and recompute them). Returns the largest number of sequences that ran at once.
+
+    In a tensor-parallel ``group`` every process of the group calls this together, each with its own requests:
+    after every engine step the processes share the requests their finished ones made, so every process admits the
+    group's requests in one order and steps one engine state, and each runs the follow-ups of its own requests only.
+    No process waits for another's calls; the stream ends when no process of the group has a request left.
     """
     from vllm.sampling_params import RequestOutputKind
 
     engine = llm.llm_engine
+    group = group or EngineGroup.alone()
     budget = kv_cache_tokens(llm) if token_budget is None else token_budget
-    queue = deque(requests)
+    own: dict[int, StreamRequest] = {}  # this process's requests by key, with their follow-up callbacks
+    keys = iter(range(1 << 62))
+    queue: deque[tuple[str, StreamRequest]] = deque()  # the group's requests, in one order on every process
     running: dict[str, tuple[StreamRequest, int]] = {}
     reserved = sequences = peak = 0  # KV tokens reserved, sequences running, the most that ran at once
+    stream_id = str(next(llm.request_counter))  # the counter LLM.generate uses: ids never collide
+
+    def publish(new: list[StreamRequest]) -> None:
+        mine = []
+        for request in new:
+            key = next(keys)
+            own[key] = request
+            mine.append((key, replace(request, on_done=None)))  # what another process needs: no callbacks
+        shared = group.share((stream_id, mine))
+        base = shared[0][0]  # one id space for the group, whatever each process's own counter says
+        for owner, (_, theirs) in enumerate(shared):
+            queue.extend((f"{base}-{owner}-{key}", request) for key, request in theirs)
 
     def admit() -> None:
         nonlocal reserved, sequences, peak
         while queue:
-            request = queue[0]
+            request_id, request = queue[0]
             need = request.n * (len(request.prompt_ids) + request.sampling.max_new_tokens)
             if running and budget is not None and reserved + need > budget:
                 return
             queue.popleft()
             params = params_of(request)
             params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it has finished
-            request_id = str(next(llm.request_counter))  # the counter LLM.generate uses: ids never collide
-            prompt = {"prompt_token_ids": list(request.prompt_ids)}
-            engine.add_request(request_id, prompt, params, lora_request=lora_request)
+            engine.add_request(request_id, {"prompt_token_ids": list(request.prompt_ids)}, params,
+                               lora_request=lora_request)  # fmt: skip
             running[request_id] = (request, need)
             reserved += need
             sequences += request.n
             peak = max(peak, sequences)
 
+    def finish(output: Any) -> list[StreamRequest]:
+        """The follow-ups of a finished request, if it is this process's."""
+        nonlocal reserved, sequences
+        request, need = running.pop(output.request_id)
+        reserved -= need
+        sequences -= request.n
+        _, owner, key = output.request_id.rsplit("-", 2)
+        if int(owner) != group.rank:
+            return []
+        return own.pop(int(key)).on_done(request_outputs_to_generation_output([output], request.n))
+
     try:
+        publish(list(requests))
         admit()
         while running:
+            new: list[StreamRequest] = []
             for output in engine.step():
-                if not output.finished or output.request_id not in running:
-                    continue
-                request, need = running.pop(output.request_id)
-                reserved -= need
-                sequences -= request.n
-                queue.extend(request.on_done(request_outputs_to_generation_output([output], request.n)))
+                if output.finished and output.request_id in running:
+                    new.extend(finish(output))
+            publish(new)
             admit()
     except BaseException:
         if running:  # leave the engine clean for the next call
