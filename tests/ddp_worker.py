@@ -9,8 +9,9 @@ of passing by luck under DDP, whose forwards need no collective. Each process wr
 
 Modes: ``train`` (2 steps, log_completions on), ``iterations`` (num_iterations 2), ``generation``
 (steps_per_generation 2), ``eval`` (an evaluation after the step), ``vllm`` (a real colocated vLLM CPU engine per
-process, tensor-parallel size 1), ``vllm-tp`` (one colocated engine split over both processes, tensor-parallel size 2)
-and ``vllm-server`` (a running ``trl vllm-serve``, adapter-only sync): the last three run from tests/vllm_real only.
+process, tensor-parallel size 1), ``vllm-tp`` / ``vllm-tp-lora`` / ``vllm-tp-regex`` (one colocated engine split
+over both processes, tensor-parallel size 2; with adapter-only sync; with a structured-outputs regex) and
+``vllm-server`` (a running ``trl vllm-serve``, adapter-only sync): the vLLM modes run from tests/vllm_real only.
 """
 
 import importlib.util
@@ -66,6 +67,10 @@ MODES = {
     "vllm-tp-regex": ([1, 6], {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024,
                                "vllm_tensor_parallel_size": 2, "vllm_structured_outputs_regex": "[A-Za-z ]+",
                                "max_tokens_per_microbatch": 1}),
+    # the same with a LoRA adapter synced alone (vllm_lora_sync): each process publishes it to its own engine worker
+    "vllm-tp-lora": ([1, 6], {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": 1024,
+                              "vllm_tensor_parallel_size": 2, "vllm_lora_sync": True,
+                              "max_tokens_per_microbatch": 1}),
     # a running `trl vllm-serve` (URL and served checkpoint from the environment) and a LoRA adapter synced to it
     "vllm-server": ([1, 6], {"use_vllm": True, "vllm_mode": "server", "vllm_lora_sync": True,
                              "vllm_server_timeout": 60, "max_tokens_per_microbatch": 1}),
@@ -207,13 +212,14 @@ def main(tokenizer_dir: str, out: str, mode: str = "train") -> None:
     agent = AgentConfig(chunk_size=32, max_chunks=6, max_memory_tokens=8, max_answer_tokens=6)
     model = build_tiny_model(tokenizer)
     peft_config = None
-    if mode == "vllm-server":
+    if settings.get("vllm_lora_sync"):
         from peft import LoraConfig
 
-        settings["vllm_server_base_url"] = os.environ["MEMTRAIN_TEST_SERVER_URL"]
-        model = os.environ["MEMTRAIN_TEST_SERVED_MODEL"]
         peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+    if mode == "vllm-server":
+        settings["vllm_server_base_url"] = os.environ["MEMTRAIN_TEST_SERVER_URL"]
+        model = os.environ["MEMTRAIN_TEST_SERVED_MODEL"]
     elif settings.get("use_vllm"):
         model = serve_from_checkpoint(build_tiny_model(tokenizer, hidden_size=128), tokenizer, Path(out) / "tiny")
     trainer = MemTrainer(

@@ -152,15 +152,16 @@ def test_colocated_engines_generate_alone_across_processes(smollm2_tokenizer_dir
     assert first["checksum"] == pytest.approx(second["checksum"], rel=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["vllm-tp", "vllm-tp-regex"])
+@pytest.mark.parametrize("mode", ["vllm-tp", "vllm-tp-lora", "vllm-tp-regex"])
 def test_a_tensor_parallel_group_decodes_only_what_its_processes_asked_for(mode, smollm2_tokenizer_dir, tmp_path):
     """2 processes (torchrun, gloo) sharing one colocated engine at tensor-parallel size 2 (vLLM's CPU build under
-    TRL's external launcher), whose workers must run identical engine calls. Streamed (``vllm-tp``): the processes
-    stream together, each its own requests, sharing after every engine step the follow-ups their finished requests
-    made, so no process waits for another's agent calls. With a structured-outputs regex (``vllm-tp-regex``, which
-    TRL builds per call) every call is a round of the group, each process its own prompts at its own budget. Either
-    way the engine decodes exactly the tokens the agents receive: TRL's equal rounds pad the shorter process with
-    filler prompts decoding to the group's largest budget (688 tokens decoded for 440 received, issue 22)."""
+    TRL's external launcher), whose workers must run identical engine calls. Streamed (``vllm-tp``, and
+    ``vllm-tp-lora`` with adapter-only sync): the processes stream together, each its own requests, sharing after
+    every engine step the follow-ups their finished requests made, so no process waits for another's agent calls.
+    With a structured-outputs regex (``vllm-tp-regex``, which TRL builds per call) every call is a round of the
+    group, each process its own prompts at its own budget. Either way the engine decodes exactly the tokens the
+    agents receive: TRL's equal rounds pad the shorter process with filler prompts decoding to the group's largest
+    budget (688 tokens decoded for 440 received, issue 22)."""
     from test_trainer_distributed import run_workers
 
     first, second = run_workers(smollm2_tokenizer_dir, tmp_path, mode, timeout=900)
@@ -169,11 +170,12 @@ def test_a_tensor_parallel_group_decodes_only_what_its_processes_asked_for(mode,
     decoded = first["decoded"], second["decoded"]
     assert decoded[0]["engine"] == decoded[1]["engine"] == decoded[0]["agents"] + decoded[1]["agents"], decoded
     assert decoded[0]["over_budget"] == decoded[1]["over_budget"] == 0, decoded
-    if mode == "vllm-tp":
+    if mode != "vllm-tp-regex":
         # one stream per step on each process and no generation round, though rank 1's documents are 6 times longer
         assert first["rounds"] == second["rounds"] == []
         assert decoded[0]["streams"] == decoded[1]["streams"] == first["generator_calls"] == 2
-        for entry in first["sampling"]:  # each process scored its own completions' engine log-probs
+        # each process scored its own completions' engine log-probs, from this step's weights (or adapter)
+        for entry in first["sampling"]:
             assert abs(entry["importance_sampling_ratio/mean"] - 1.0) < 1e-3, entry
             assert entry["sampling_logp_difference/max"] < 1e-3, entry
     else:
