@@ -89,6 +89,36 @@ def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_memtrainer(checkpoint: Path | str, out: Path, documents, reward, agent: dict, lora: bool = False, **vllm):
+    """A 2-step MemTrainer on a saved tiny model with vLLM's importance-sampling correction, as the real-vLLM trainer
+    tests build it: ``vllm`` holds the test's own keys (mode, sleep, learning rate, ...) and ``lora`` adds an
+    adapter (r = 8 on every linear layer, no dropout)."""
+    from peft import LoraConfig
+
+    from memtrain.agent.memory_agent import AgentConfig
+    from memtrain.agent.recall import default_entity_tools
+    from memtrain.configs import MemTrainConfig
+    from memtrain.rewards import REWARD_FUNCS
+    from memtrain.trainer import MemTrainer
+
+    args = MemTrainConfig(**{
+        "output_dir": str(out / "run"), "per_device_train_batch_size": 2, "num_generations": 2, "recall_samples": 2,
+        "max_steps": 2, "learning_rate": 1e-2, "warmup_steps": 0, "beta": 0.0, "scale_rewards": "none",
+        "logging_steps": 1, "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False, "seed": 0,
+        "lenient_recall": True, "reward_funcs": ["answer_length_reward", "memory_recall"], "reward_weights": [1.0, 0.5],
+        "use_vllm": True, "vllm_importance_sampling_correction": True, **vllm,
+    })  # fmt: skip
+    adapter = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )  # fmt: skip
+    return MemTrainer(
+        model=str(checkpoint), args=args, agent_config=AgentConfig(**agent), train_dataset=documents,
+        entity_tools=default_entity_tools(), reward_funcs=[reward, REWARD_FUNCS["memory_recall"]],
+        peft_config=adapter if lora else None,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- trl vllm-serve
 def free_port() -> int:
     with socket.socket() as sock:

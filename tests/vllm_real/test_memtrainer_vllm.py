@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from cpu_shims import build_documents_in_subprocess, save_tiny_llama
+from cpu_shims import build_documents_in_subprocess, save_tiny_llama, tiny_memtrainer
 
 
 AGENT = dict(chunk_size=48, max_chunks=2, max_problem_tokens=64, max_memory_tokens=8, max_answer_tokens=6)
@@ -32,25 +32,11 @@ def documents(tmp_path_factory):
 
 
 def test_two_steps_one_sync_each_and_importance_sampling_logged(trl_colocate_on_cpu, documents, tmp_path):
-    from memtrain.agent.memory_agent import AgentConfig
-    from memtrain.agent.recall import default_entity_tools
-    from memtrain.configs import MemTrainConfig
-    from memtrain.rewards import REWARD_FUNCS
-    from memtrain.trainer import MemTrainer
     from memtrain.vllm_rollouts import sync_counter
 
-    checkpoint = save_tiny_llama(tmp_path / "tiny")
-    args = MemTrainConfig(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_generations=2, recall_samples=2,
-        max_steps=2, learning_rate=1e-2, warmup_steps=0, beta=0.0, scale_rewards="none", logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, lenient_recall=True,
-        reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
-        use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=1024,
-        vllm_importance_sampling_correction=True,
-    )  # fmt: skip
-    trainer = MemTrainer(
-        model=str(checkpoint), args=args, agent_config=AgentConfig(**AGENT), train_dataset=documents,
-        entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
+    trainer = tiny_memtrainer(
+        save_tiny_llama(tmp_path / "tiny"), tmp_path, documents, answer_length_reward, AGENT,
+        vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=1024,
     )  # fmt: skip
     assert type(trainer.vllm_generation.llm).__name__ == "LLM"  # a real engine, not a stand-in
     counter = sync_counter(trainer.vllm_generation)
@@ -81,32 +67,12 @@ def test_adapter_only_sync_moves_the_adapter_and_never_the_base(trl_colocate_on_
     """vllm_lora_sync (issue 22): the engine loads the base once with LoRA enabled; each of 2 optimizer steps writes
     only the adapter (its exact byte count crosses, nothing else), the base's load_weights is never called again, and
     the engine samples from the policy being trained (fp32: vLLM's sampling log-probs equal the trainer's)."""
-    from peft import LoraConfig
-
-    from memtrain.agent.memory_agent import AgentConfig
-    from memtrain.agent.recall import default_entity_tools
-    from memtrain.configs import MemTrainConfig
-    from memtrain.rewards import REWARD_FUNCS
-    from memtrain.trainer import MemTrainer
     from memtrain.vllm_rollouts import sync_counter
 
-    checkpoint = save_tiny_llama(tmp_path / "tiny")
-    args = MemTrainConfig(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_generations=2, recall_samples=2,
-        max_steps=2, learning_rate=5e-2, warmup_steps=0, beta=0.0, scale_rewards="none", logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, lenient_recall=True,
-        reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
-        use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=1024,
-        vllm_importance_sampling_correction=True, vllm_lora_sync=True,
-    )  # fmt: skip
-    lora = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )  # fmt: skip
-    trainer = MemTrainer(
-        model=str(checkpoint), args=args, agent_config=AgentConfig(**AGENT), train_dataset=documents,
-        entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
-        peft_config=lora,
+    trainer = tiny_memtrainer(
+        save_tiny_llama(tmp_path / "tiny"), tmp_path, documents, answer_length_reward, AGENT, lora=True,
+        learning_rate=5e-2, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=1024,
+        vllm_lora_sync=True,
     )  # fmt: skip
     generation = trainer.vllm_generation
     worker = generation.llm.llm_engine.model_executor.driver_worker.worker

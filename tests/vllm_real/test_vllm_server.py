@@ -77,6 +77,9 @@ def test_a_server_without_runtime_lora_loading_is_refused_with_the_command_that_
     )
 
 
+SERVER_AGENT = dict(chunk_size=48, max_chunks=2, max_problem_tokens=64, max_memory_tokens=8, max_answer_tokens=6)
+
+
 def answer_length_reward(completions, **kwargs) -> list[float]:
     """A reward with spread on a random model (the answer's length, ties broken by its characters), so every group
     trains: the server samples unseeded, and two answers of one length would filter a group."""
@@ -89,16 +92,10 @@ def test_adapter_only_sync_in_server_mode_loads_each_steps_adapter_into_the_serv
     request generates through the newest adapter (the IS ratio stays 1: the server's log-probs are the trainer's),
     and the server keeps only that one loaded."""
     import requests
-    from cpu_shims import build_documents_in_subprocess, save_tiny_llama
+    from cpu_shims import build_documents_in_subprocess, save_tiny_llama, tiny_memtrainer
     from datasets import Dataset
-    from peft import LoraConfig
 
-    from memtrain.agent.memory_agent import AgentConfig
-    from memtrain.agent.recall import default_entity_tools
-    from memtrain.configs import MemTrainConfig
     from memtrain.preflight import PreflightError
-    from memtrain.rewards import REWARD_FUNCS
-    from memtrain.trainer import MemTrainer
     from memtrain.vllm_rollouts import sync_counter
 
     checkpoint = str(save_tiny_llama(tmp_path / "tiny"))
@@ -106,25 +103,9 @@ def test_adapter_only_sync_in_server_mode_loads_each_steps_adapter_into_the_serv
     runtime_lora = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
     lora_args = ["--enable-lora", "--max-lora-rank", "8"]
     with trl_vllm_serve(checkpoint, tmp_path / "server.log", lora_args, runtime_lora) as base_url:
-        args = MemTrainConfig(
-            output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, num_generations=2, recall_samples=2,
-            max_steps=2, learning_rate=5e-2, warmup_steps=0, beta=0.0, scale_rewards="none", logging_steps=1,
-            save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, lenient_recall=True,
-            reward_funcs=["answer_length_reward", "memory_recall"], reward_weights=[1.0, 0.5],
-            use_vllm=True, vllm_mode="server", vllm_server_base_url=base_url, vllm_server_timeout=60,
-            vllm_importance_sampling_correction=True, vllm_lora_sync=True,
-        )  # fmt: skip
-        lora = LoraConfig(
-            r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        )  # fmt: skip
-        agent = AgentConfig(
-            chunk_size=48, max_chunks=2, max_problem_tokens=64, max_memory_tokens=8, max_answer_tokens=6
-        )
-        trainer = MemTrainer(
-            model=checkpoint, args=args, agent_config=agent, train_dataset=documents,
-            entity_tools=default_entity_tools(), reward_funcs=[answer_length_reward, REWARD_FUNCS["memory_recall"]],
-            peft_config=lora,
+        trainer = tiny_memtrainer(
+            checkpoint, tmp_path, documents, answer_length_reward, SERVER_AGENT, lora=True, learning_rate=5e-2,
+            vllm_mode="server", vllm_server_base_url=base_url, vllm_server_timeout=60, vllm_lora_sync=True,
         )  # fmt: skip
         generation = trainer.vllm_generation
         client = generation.vllm_client
