@@ -96,7 +96,7 @@ class TrainerGenerator:
         """What a process with nothing to generate sends to a collective round.
 
         Under vLLM's tensor-parallel group nothing: the group gathers each process's own prompts and budget
-        (``MemTrainVLLMGeneration._generate_in_group``). Under transformers ``generate`` one filler row, decoded for
+        (``memtrain.vllm_agent_calls.AgentCallsMixin._generate_in_group``). Under transformers ``generate`` one filler row, decoded for
         one token: FSDP runs it with ``synced_gpus`` (the default for an FSDP-managed model), so a process whose rows
         are done keeps joining the others' forwards until every process is done, and each process generates its own
         batch to its own budget; the calls only have to pair up one to one.
