@@ -9,7 +9,7 @@ copies chunk by chunk, each prompt built from the previous step's memory, in two
 per step, every trajectory waiting for the slowest of its step: how a generator without streaming runs) and
 ``stream`` (each trajectory's next call submitted as its previous one returns, memtrain.agent.request_stream). After
 each, the SAME prompts go to the engine in ONE flat ``generate``, each forced to the number of new tokens it had in
-the loop. ``loop_over_flat`` is what the sequential dependency costs.
+the loop; the prefix cache is reset before every loop and flat run, so neither reuses the other's prefill. ``loop_over_flat`` is what the sequential dependency costs.
 
 Part ``sync`` (MemTrainer, TRL's colocated engine, sleep mode, SmolLM2): alternate steps run with memtrain's
 ``VLLMRolloutSession`` (one sync per optimizer step, calls streamed) and without it (TRL's own path, one generate per
@@ -59,7 +59,9 @@ def load_documents(folder: Path, count: int):
 
 
 # ---------------------------------------------------------------------------------------------- part: loop vs flat
-def part_loop(docs: Path, documents: int, copies: int, chunks: int, memory_tokens: int) -> dict:
+def part_loop(
+    docs: Path, documents: int, copies: int, chunks: int, memory_tokens: int, max_num_seqs: int | None = None
+) -> dict:
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
@@ -71,7 +73,12 @@ def part_loop(docs: Path, documents: int, copies: int, chunks: int, memory_token
     rows = list(load_documents(docs, documents))
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MODEL))
     start = time.perf_counter()
-    generator = VLLMGenerator(model=MODEL, max_model_len=2048, seed=0, enforce_eager=True)
+    # No chunked prefill: vLLM's CPU build cannot rewind a seeded request's generator when a chunk's sample is
+    # discarded ("CPU Generator does not use offset"), which a wide wave (--documents 16) would hit.
+    generator = VLLMGenerator(
+        model=MODEL, max_model_len=2048, seed=0, enforce_eager=True, max_num_batched_tokens=32768,
+        **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
+    )  # fmt: skip
     init_seconds = time.perf_counter() - start
     config = AgentConfig(
         chunk_size=128, max_chunks=chunks, max_problem_tokens=64, max_memory_tokens=memory_tokens, max_answer_tokens=16
@@ -88,6 +95,7 @@ def part_loop(docs: Path, documents: int, copies: int, chunks: int, memory_token
             SamplingParams(max_tokens=n, min_tokens=n, ignore_eos=True, seed=k, logprobs=0)
             for k, n in enumerate(lengths)
         ]
+        generator.llm.reset_prefix_cache()  # the loop just computed these prompts: flat must not reuse them
         start = time.perf_counter()
         outputs = generator.llm.generate(prompts, sampling_params=params, use_tqdm=False)
         seconds = time.perf_counter() - start
@@ -103,6 +111,7 @@ def part_loop(docs: Path, documents: int, copies: int, chunks: int, memory_token
         for mode in ("barrier", "stream"):  # alternating, so drifts in machine load cancel
             generator.streaming = mode == "stream"
             sampling = SamplingConfig(max_new_tokens=memory_tokens, seed=10 + repeat)
+            generator.llm.reset_prefix_cache()  # nor the loop the previous run's (same chunks, same first prompts)
             start = time.perf_counter()
             trajectories = agent.rollout(contexts, problems, n=copies, sampling=sampling)
             loop_seconds = time.perf_counter() - start
@@ -323,6 +332,11 @@ def main() -> None:
         "--memory-tokens", type=int, default=32, help="memory budget in the loop part (larger: lengths vary more)"
     )
     parser.add_argument(
+        "--max-num-seqs", type=int, default=None,
+        help="the loop part's engine runs at most this many sequences at once, loop and flat alike (as a KV cache "
+        "that holds that many would; default: vLLM's)",
+    )  # fmt: skip
+    parser.add_argument(
         "--steps", type=int, default=4, help="optimizer steps in the sync part (every other one with the session)"
     )
     parser.add_argument(
@@ -333,7 +347,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.part is not None:
         if args.part == "loop":
-            result = part_loop(args.docs, args.documents, args.copies, args.chunks, args.memory_tokens)
+            result = part_loop(
+                args.docs, args.documents, args.copies, args.chunks, args.memory_tokens, args.max_num_seqs
+            )
         elif args.part == "sync":
             result = part_sync(args.docs, args.documents, args.steps)
         else:
@@ -350,6 +366,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--part", part, "--docs", str(docs), "--out", str(out)]
             command += ["--documents", str(args.documents), "--copies", str(args.copies), "--chunks", str(args.chunks)]
             command += ["--steps", str(args.steps), "--memory-tokens", str(args.memory_tokens)]
+            command += ["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []
             start = time.perf_counter()
             completed = subprocess.run(command, capture_output=True, text=True)
             if completed.returncode != 0:
