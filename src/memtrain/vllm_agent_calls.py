@@ -150,8 +150,8 @@ class AgentCallsMixin:
         from accelerate.utils import is_peft_model
         from trl.generation.vllm_generation import extract_logprobs
 
-        gathered: list[Any] = [None] * int(self.tensor_parallel_size)
-        dist.all_gather_object(gathered, (list(prompts), int(self.max_completion_length)), group=self.tp_group)
+        group = self._engine_group()
+        gathered = group.share((list(prompts), int(self.max_completion_length)))
         everyone = [ids for group_prompts, _ in gathered for ids in group_prompts]
         if not everyone:
             return [], [], [], []
@@ -168,7 +168,7 @@ class AgentCallsMixin:
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)
             self._llm_weights_sleeping = True
-        start = sum(len(group_prompts) for group_prompts, _ in gathered[: dist.get_rank(group=self.tp_group)])
+        start = sum(len(group_prompts) for group_prompts, _ in gathered[: group.rank])
         mine = slice(start, start + len(prompts))
         logprobs, logprob_token_ids = extract_logprobs(outputs)
         return (

@@ -27,6 +27,7 @@ How the trainer reuses TRL's own engine and weight sync (TRL 1.16, ``trl.generat
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -157,9 +158,9 @@ def stream_on_engine(
     group = group or EngineGroup.alone()
     budget = kv_cache_tokens(llm) if token_budget is None else token_budget
     own: dict[int, StreamRequest] = {}  # this process's requests by key, with their follow-up callbacks
-    keys = iter(range(1 << 62))
-    queue: deque[tuple[str, StreamRequest]] = deque()  # the group's requests, in one order on every process
-    running: dict[str, tuple[StreamRequest, int]] = {}
+    keys = itertools.count()
+    queue: deque[tuple[str, int, int, StreamRequest]] = deque()  # the group's (id, owner, key, request), one order
+    running: dict[str, tuple[StreamRequest, int, int, int]] = {}  # id -> (request, owner, key, KV tokens reserved)
     reserved = sequences = peak = 0  # KV tokens reserved, sequences running, the most that ran at once
     stream_id = str(next(llm.request_counter))  # the counter LLM.generate uses: ids never collide
 
@@ -172,12 +173,12 @@ def stream_on_engine(
         shared = group.share((stream_id, mine))
         base = shared[0][0]  # one id space for the group, whatever each process's own counter says
         for owner, (_, theirs) in enumerate(shared):
-            queue.extend((f"{base}-{owner}-{key}", request) for key, request in theirs)
+            queue.extend((f"{base}-{owner}-{key}", owner, key, request) for key, request in theirs)
 
     def admit() -> None:
         nonlocal reserved, sequences, peak
         while queue:
-            request_id, request = queue[0]
+            request_id, owner, key, request = queue[0]
             need = request.n * (len(request.prompt_ids) + request.sampling.max_new_tokens)
             if running and budget is not None and reserved + need > budget:
                 return
@@ -186,7 +187,7 @@ def stream_on_engine(
             params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it has finished
             engine.add_request(request_id, {"prompt_token_ids": list(request.prompt_ids)}, params,
                                lora_request=lora_request)  # fmt: skip
-            running[request_id] = (request, need)
+            running[request_id] = (request, owner, key, need)
             reserved += need
             sequences += request.n
             peak = max(peak, sequences)
@@ -194,13 +195,12 @@ def stream_on_engine(
     def finish(output: Any) -> list[StreamRequest]:
         """The follow-ups of a finished request, if it is this process's."""
         nonlocal reserved, sequences
-        request, need = running.pop(output.request_id)
+        request, owner, key, need = running.pop(output.request_id)
         reserved -= need
         sequences -= request.n
-        _, owner, key = output.request_id.rsplit("-", 2)
-        if int(owner) != group.rank:
+        if owner != group.rank:
             return []
-        return own.pop(int(key)).on_done(request_outputs_to_generation_output([output], request.n))
+        return own.pop(key).on_done(request_outputs_to_generation_output([output], request.n))
 
     try:
         publish(list(requests))
